@@ -1,0 +1,589 @@
+"""The replication messages: small frozen dataclasses and their exact wire shapes.
+
+Each message is a msgpack array of positional fields (compact and fast to check); its type
+byte lives in the codec's plaintext header. ``to_wire`` builds the array, ``from_wire`` checks
+an array a peer sent, field by field, and raises `RemoteProtocolError` on anything unexpected.
+Every message has a fixed arity, so a peer speaking another shape fails loudly.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
+
+from protocol.checks import (
+    INT64_MAX,
+    SqlValue,
+    want_bytes,
+    want_int,
+    want_list,
+    want_name,
+    want_row,
+    want_sql_value,
+    want_str,
+)
+from protocol.codec import Codec, pack, unpack_strict
+from protocol.crypto import PROTOCOL_VERSION
+from protocol.errors import RemoteProtocolError
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "Ack",
+    "Change",
+    "Changes",
+    "Goodbye",
+    "Heartbeat",
+    "Hello",
+    "Message",
+    "Op",
+    "Origin",
+    "Resend",
+    "RowVersion",
+    "Skip",
+    "SnapshotBegin",
+    "SnapshotChunk",
+    "SnapshotEnd",
+    "SnapshotRequest",
+    "SnapshotRow",
+    "SnapshotTable",
+    "VersionVector",
+    "decode_message",
+    "encode_message",
+]
+
+MAX_FINGERPRINT = 64
+MAX_CHECKSUM = 64
+MAX_ORIGINS = 4096
+MAX_TABLES = 4096
+MAX_CAPABILITIES = 64
+CHECKSUM_SIZE = 16
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Origin:
+    """Who wrote a change: a node id plus the incarnation of that node's state."""
+
+    node_id: str
+    incarnation: int
+
+    def __str__(self) -> str:
+        return f"{self.node_id}#{self.incarnation}"
+
+
+VersionVector = Mapping[Origin, int]
+"""Per origin, the highest contiguous origin sequence a node holds."""
+
+
+class Op(enum.IntEnum):
+    INSERT = 1
+    UPDATE = 2
+    DELETE = 3
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class RowVersion:
+    """A row's version: (hlc, origin, generation); strategies order these (design section 4)."""
+
+    hlc: int
+    origin: Origin
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One captured row change as its origin logged it."""
+
+    origin: Origin
+    seq: int
+    table: str
+    op: Op
+    pk: tuple[SqlValue, ...]
+    row: Mapping[str, SqlValue] | None
+    old: Mapping[str, SqlValue] | None
+    version: RowVersion
+    replaced: RowVersion | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """Origin sequences first..last that a filter withheld: they leave no gap downstream."""
+
+    origin: Origin
+    first_seq: int
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotTable:
+    name: str
+    columns: tuple[str, ...]
+    primary_key: tuple[str, ...]
+    row_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRow:
+    """A row with its version; ``values`` is None for a tombstone (a deleted row's version)."""
+
+    pk: tuple[SqlValue, ...]
+    values: Mapping[str, SqlValue] | None
+    version: RowVersion
+
+
+# ---------------------------------------------------------------------------------------------
+# Field codecs shared by several messages
+
+
+def _origin_from_wire(node_id: Any, incarnation: Any, what: str) -> Origin:
+    return Origin(
+        want_name(node_id, f"{what} node id"), want_int(incarnation, f"{what} incarnation")
+    )
+
+
+def _vector_to_wire(vector: VersionVector) -> list[list[Any]]:
+    return [[origin.node_id, origin.incarnation, seq] for origin, seq in vector.items()]
+
+
+def _vector_from_wire(value: Any, what: str) -> dict[Origin, int]:
+    entries = want_list(value, what, max_len=MAX_ORIGINS)
+    vector: dict[Origin, int] = {}
+    for entry in entries:
+        node_id, incarnation, seq = want_list(entry, f"{what} entry", min_len=3, max_len=3)
+        origin = _origin_from_wire(node_id, incarnation, what)
+        if origin in vector:
+            raise RemoteProtocolError(f"{what}: origin {origin} appears twice")
+        vector[origin] = want_int(seq, f"{what} sequence")
+    return vector
+
+
+def _version_to_wire(version: RowVersion) -> list[Any]:
+    return [version.hlc, version.origin.node_id, version.origin.incarnation, version.generation]
+
+
+def _version_from_wire(value: Any, what: str) -> RowVersion:
+    hlc, node_id, incarnation, generation = want_list(value, what, min_len=4, max_len=4)
+    return RowVersion(
+        want_int(hlc, f"{what} hlc"),
+        _origin_from_wire(node_id, incarnation, what),
+        want_int(generation, f"{what} generation"),
+    )
+
+
+def _pk_from_wire(value: Any, what: str) -> tuple[SqlValue, ...]:
+    parts = want_list(value, what, min_len=1, max_len=64)
+    return tuple(want_sql_value(part, what) for part in parts)
+
+
+def _names_from_wire(value: Any, what: str, *, min_len: int = 0) -> tuple[str, ...]:
+    return tuple(
+        want_name(name, what) for name in want_list(value, what, min_len=min_len, max_len=32767)
+    )
+
+
+def _checksums_from_wire(value: Any, what: str) -> dict[str, bytes]:
+    if type(value) is not dict or len(value) > MAX_TABLES:
+        raise RemoteProtocolError(f"{what}: expected a map of at most {MAX_TABLES} tables")
+    return {
+        want_name(table, f"{what} table"): want_bytes(digest, what, max_len=MAX_CHECKSUM)
+        for table, digest in value.items()
+    }
+
+
+def _fields(value: Any, cls: type, count: int) -> list[Any]:
+    return want_list(value, cls.__name__, min_len=count, max_len=count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First message each way: names the node and says what it already holds."""
+
+    TYPE: ClassVar[int] = 1
+    node_id: str
+    incarnation: int
+    capabilities: frozenset[str]
+    schema_version: int
+    settings_fingerprint: bytes
+    version_vector: VersionVector
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.node_id,
+            self.incarnation,
+            sorted(self.capabilities),
+            self.schema_version,
+            self.settings_fingerprint,
+            _vector_to_wire(self.version_vector),
+        ]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Self:
+        node_id, incarnation, capabilities, schema, fingerprint, vector = _fields(value, cls, 6)
+        names = want_list(capabilities, "Hello capabilities", max_len=MAX_CAPABILITIES)
+        return cls(
+            node_id=want_name(node_id, "Hello node id"),
+            incarnation=want_int(incarnation, "Hello incarnation"),
+            capabilities=frozenset(want_name(name, "Hello capability") for name in names),
+            schema_version=want_int(schema, "Hello schema version"),
+            settings_fingerprint=want_bytes(
+                fingerprint, "Hello settings fingerprint", max_len=MAX_FINGERPRINT
+            ),
+            version_vector=_vector_from_wire(vector, "Hello version vector"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """A batch of changes; ``sequence`` numbers the sender's batches on this connection.
+
+    On the wire the body (changes and skips) is a nested msgpack blob with a BLAKE2b checksum in
+    the header, so a batch that was corrupted before sealing (or by a bug on either side) is
+    refused instead of applied.
+    """
+
+    TYPE: ClassVar[int] = 2
+    node_id: str
+    sequence: int
+    timestamp: int
+    changes: tuple[Change, ...]
+    skips: tuple[Skip, ...] = ()
+    protocol_version: int = field(default=PROTOCOL_VERSION)
+
+    def to_wire(self) -> list[Any]:
+        body = pack(
+            [
+                [_change_to_wire(change) for change in self.changes],
+                [
+                    [s.origin.node_id, s.origin.incarnation, s.first_seq, s.last_seq]
+                    for s in self.skips
+                ],
+            ]
+        )
+        return [
+            self.protocol_version,
+            self.node_id,
+            self.sequence,
+            self.timestamp,
+            body_checksum(body),
+            body,
+        ]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Self:
+        version, node_id, sequence, timestamp, checksum, body = _fields(value, cls, 6)
+        version = want_int(version, "Changes protocol version")
+        if version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(f"Changes protocol version {version} is not supported")
+        body = want_bytes(body, "Changes body", max_len=INT64_MAX)
+        if want_bytes(checksum, "Changes checksum", max_len=CHECKSUM_SIZE) != body_checksum(body):
+            raise RemoteProtocolError("Changes body does not match its checksum")
+        # The body is bounded by the message it came in, which the codec already capped.
+        changes, skips = want_list(unpack_strict(body), "Changes body", min_len=2, max_len=2)
+        return cls(
+            node_id=want_name(node_id, "Changes node id"),
+            sequence=want_int(sequence, "Changes sequence"),
+            timestamp=want_int(timestamp, "Changes timestamp"),
+            changes=tuple(_change_from_wire(item) for item in want_list(changes, "changes")),
+            skips=tuple(_skip_from_wire(item) for item in want_list(skips, "skips")),
+            protocol_version=version,
+        )
+
+
+def body_checksum(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=CHECKSUM_SIZE).digest()
+
+
+def _change_to_wire(change: Change) -> list[Any]:
+    return [
+        change.origin.node_id,
+        change.origin.incarnation,
+        change.seq,
+        change.table,
+        int(change.op),
+        list(change.pk),
+        _row_to_wire(change.row),
+        _row_to_wire(change.old),
+        _version_to_wire(change.version),
+        None if change.replaced is None else _version_to_wire(change.replaced),
+    ]
+
+
+def _row_to_wire(row: Mapping[str, SqlValue] | None) -> dict[str, SqlValue] | None:
+    return row if row is None or type(row) is dict else dict(row)
+
+
+_OPS = {int(op): op for op in Op}
+
+
+def _change_from_wire(value: Any) -> Change:
+    (node_id, incarnation, seq, table, op, pk, row, old, version, replaced) = want_list(
+        value, "change", min_len=10, max_len=10
+    )
+    if type(op) is not int or op not in _OPS:
+        raise RemoteProtocolError(f"change: unknown operation {op!r}")
+    kind = _OPS[op]
+    new_row = None if row is None else want_row(row, "change row")
+    old_row = None if old is None else want_row(old, "change old row")
+    if (new_row is None) != (kind is Op.DELETE):
+        raise RemoteProtocolError(f"change: only a delete may lack the new row ({kind.name})")
+    if (old_row is None) != (kind is Op.INSERT):
+        raise RemoteProtocolError(f"change: only an insert may lack the old row ({kind.name})")
+    return Change(
+        origin=_origin_from_wire(node_id, incarnation, "change origin"),
+        seq=want_int(seq, "change sequence", low=1),
+        table=want_name(table, "change table"),
+        op=kind,
+        pk=_pk_from_wire(pk, "change primary key"),
+        row=new_row,
+        old=old_row,
+        version=_version_from_wire(version, "change version"),
+        replaced=None if replaced is None else _version_from_wire(replaced, "change replaced"),
+    )
+
+
+def _skip_from_wire(value: Any) -> Skip:
+    node_id, incarnation, first, last = want_list(value, "skip", min_len=4, max_len=4)
+    skip = Skip(
+        _origin_from_wire(node_id, incarnation, "skip origin"),
+        want_int(first, "skip first sequence", low=1),
+        want_int(last, "skip last sequence", low=1),
+    )
+    if skip.first_seq > skip.last_seq:
+        raise RemoteProtocolError(f"skip: range {skip.first_seq}..{skip.last_seq} is empty")
+    return skip
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """What the sender has committed: per origin, and the last batch sequence it covers."""
+
+    TYPE: ClassVar[int] = 3
+    version_vector: VersionVector
+    through_sequence: int
+
+    def to_wire(self) -> list[Any]:
+        return [_vector_to_wire(self.version_vector), self.through_sequence]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Self:
+        vector, through = _fields(value, cls, 2)
+        return cls(
+            _vector_from_wire(vector, "Ack version vector"),
+            want_int(through, "Ack sequence"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Liveness, clock skew (wall time in ms), progress and table checksums."""
+
+    TYPE: ClassVar[int] = 4
+    wall_time_ms: int
+    version_vector: VersionVector
+    table_checksums: Mapping[str, bytes]
+
+    def to_wire(self) -> list[Any]:
+        return [self.wall_time_ms, _vector_to_wire(self.version_vector), dict(self.table_checksums)]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Self:
+        wall, vector, checksums = _fields(value, cls, 3)
+        return cls(
+            want_int(wall, "Heartbeat wall time"),
+            _vector_from_wire(vector, "Heartbeat version vector"),
+            _checksums_from_wire(checksums, "Heartbeat checksums"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    """The last message each way; sealed with the stream's final tag."""
+
+    TYPE: ClassVar[int] = 5
+    reason: str
+
+    def to_wire(self) -> list[Any]:
+        return [self.reason]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Self:
+        (reason,) = _fields(value, cls, 1)
+        return cls(want_str(reason, "Goodbye reason"))
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotBegin:
+    TYPE: ClassVar[int] = 6
+    snapshot_id: int
+    version_vector: VersionVector
+    tables: tuple[SnapshotTable, ...]
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.snapshot_id,
+            _vector_to_wire(self.version_vector),
+            [[t.name, list(t.columns), list(t.primary_key), t.row_count] for t in self.tables],
+        ]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Self:
+        snapshot_id, vector, tables = _fields(value, cls, 3)
+        parsed = []
+        for entry in want_list(tables, "SnapshotBegin tables", max_len=MAX_TABLES):
+            name, columns, primary_key, row_count = want_list(
+                entry, "SnapshotBegin table", min_len=4, max_len=4
+            )
+            parsed.append(
+                SnapshotTable(
+                    want_name(name, "SnapshotBegin table name"),
+                    _names_from_wire(columns, "SnapshotBegin column", min_len=1),
+                    _names_from_wire(primary_key, "SnapshotBegin key column", min_len=1),
+                    want_int(row_count, "SnapshotBegin row count"),
+                )
+            )
+        return cls(
+            want_int(snapshot_id, "SnapshotBegin id"),
+            _vector_from_wire(vector, "SnapshotBegin version vector"),
+            tuple(parsed),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotChunk:
+    TYPE: ClassVar[int] = 7
+    snapshot_id: int
+    table: str
+    index: int
+    rows: tuple[SnapshotRow, ...]
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.snapshot_id,
+            self.table,
+            self.index,
+            [[list(r.pk), _row_to_wire(r.values), _version_to_wire(r.version)] for r in self.rows],
+        ]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Self:
+        snapshot_id, table, index, rows = _fields(value, cls, 4)
+        parsed = []
+        for entry in want_list(rows, "SnapshotChunk rows"):
+            pk, values, version = want_list(entry, "SnapshotChunk row", min_len=3, max_len=3)
+            parsed.append(
+                SnapshotRow(
+                    _pk_from_wire(pk, "SnapshotChunk primary key"),
+                    None if values is None else want_row(values, "SnapshotChunk row"),
+                    _version_from_wire(version, "SnapshotChunk version"),
+                )
+            )
+        return cls(
+            want_int(snapshot_id, "SnapshotChunk id"),
+            want_name(table, "SnapshotChunk table"),
+            want_int(index, "SnapshotChunk index"),
+            tuple(parsed),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotEnd:
+    TYPE: ClassVar[int] = 8
+    snapshot_id: int
+    table_checksums: Mapping[str, bytes]
+    row_count: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.snapshot_id, dict(self.table_checksums), self.row_count]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Self:
+        snapshot_id, checksums, row_count = _fields(value, cls, 3)
+        return cls(
+            want_int(snapshot_id, "SnapshotEnd id"),
+            _checksums_from_wire(checksums, "SnapshotEnd checksums"),
+            want_int(row_count, "SnapshotEnd row count"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Resend:
+    """Asks the peer to stream again everything after this vector (a gap was seen)."""
+
+    TYPE: ClassVar[int] = 9
+    version_vector: VersionVector
+
+    def to_wire(self) -> list[Any]:
+        return [_vector_to_wire(self.version_vector)]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Self:
+        (vector,) = _fields(value, cls, 1)
+        return cls(_vector_from_wire(vector, "Resend version vector"))
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRequest:
+    """Asks the peer for a full snapshot of these tables (all replicated tables when empty)."""
+
+    TYPE: ClassVar[int] = 10
+    tables: tuple[str, ...]
+    reason: str
+
+    def to_wire(self) -> list[Any]:
+        return [list(self.tables), self.reason]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Self:
+        tables, reason = _fields(value, cls, 2)
+        return cls(
+            _names_from_wire(tables, "SnapshotRequest table"),
+            want_str(reason, "SnapshotRequest reason"),
+        )
+
+
+Message = (
+    Hello
+    | Changes
+    | Ack
+    | Heartbeat
+    | Goodbye
+    | SnapshotBegin
+    | SnapshotChunk
+    | SnapshotEnd
+    | Resend
+    | SnapshotRequest
+)
+
+MESSAGE_TYPES: Mapping[int, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        Changes,
+        Ack,
+        Heartbeat,
+        Goodbye,
+        SnapshotBegin,
+        SnapshotChunk,
+        SnapshotEnd,
+        Resend,
+        SnapshotRequest,
+    )
+}
+
+
+def encode_message(codec: Codec, message: Message) -> bytes:
+    return codec.encode(message.TYPE, message.to_wire())
+
+
+def decode_message(codec: Codec, plaintext: bytes) -> Message:
+    message_type, value = codec.decode(plaintext)
+    cls = MESSAGE_TYPES.get(message_type)
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {message_type}")
+    return cls.from_wire(value)
