@@ -59,6 +59,7 @@ AEAD_TAG_SIZE = sodium.crypto_aead_xchacha20poly1305_ietf_ABYTES
 STREAM_HEADER_SIZE = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
 STREAM_OVERHEAD = sodium.crypto_secretstream_xchacha20poly1305_ABYTES
 TAG_MESSAGE = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
+TAG_PUSH = sodium.crypto_secretstream_xchacha20poly1305_TAG_PUSH
 TAG_REKEY = sodium.crypto_secretstream_xchacha20poly1305_TAG_REKEY
 TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 MIN_PASSPHRASE_LENGTH = 16

@@ -331,9 +331,9 @@ def _change_from_wire(value: Any) -> Change:
     new_row = None if row is None else want_row(row, "change row")
     old_row = None if old is None else want_row(old, "change old row")
     if (new_row is None) != (kind is Op.DELETE):
-        raise RemoteProtocolError(f"change: only a delete may lack the new row ({kind.name})")
+        raise RemoteProtocolError(f"change: {kind.name} {_must(kind is not Op.DELETE)} a new row")
     if (old_row is None) != (kind is Op.INSERT):
-        raise RemoteProtocolError(f"change: only an insert may lack the old row ({kind.name})")
+        raise RemoteProtocolError(f"change: {kind.name} {_must(kind is not Op.INSERT)} an old row")
     return Change(
         origin=_origin_from_wire(node_id, incarnation, "change origin"),
         seq=want_int(seq, "change sequence", low=1),
@@ -345,6 +345,10 @@ def _change_from_wire(value: Any) -> Change:
         version=_version_from_wire(version, "change version"),
         replaced=None if replaced is None else _version_from_wire(replaced, "change replaced"),
     )
+
+
+def _must(carries: bool) -> str:
+    return "must carry" if carries else "must not carry"
 
 
 def _skip_from_wire(value: Any) -> Skip:

@@ -84,6 +84,7 @@ _TRANSITIONS: dict[tuple[State, _Input], State] = {
     # After saying goodbye we still read until the peer says it too (its last acks matter).
     (_S.SENT_GOODBYE, _I.RECEIVE_MESSAGE): _S.SENT_GOODBYE,
     (_S.SENT_GOODBYE, _I.RECEIVE_GOODBYE): _S.CLOSED,
+    (_S.RECEIVED_GOODBYE, _I.SEND_MESSAGE): _S.RECEIVED_GOODBYE,
     (_S.RECEIVED_GOODBYE, _I.SEND_GOODBYE): _S.CLOSED,
     (_S.RECEIVED_GOODBYE, _I.RECEIVE_EOF): _S.CLOSED,
     (_S.CLOSED, _I.RECEIVE_EOF): _S.CLOSED,
