@@ -96,10 +96,16 @@ def want_sql_value(value: Any, what: str) -> SqlValue:
 
 
 def want_row(value: Any, what: str) -> dict[str, SqlValue]:
-    """A row as a map of column name to value."""
+    """A row as a map of column name to value (the hot path: checks are inlined)."""
     if type(value) is not dict:
         raise _fail(what, "a map of columns", value)
     for column, cell in value.items():
-        want_name(column, f"{what} column name")
-        want_sql_value(cell, f"{what}.{column}")
+        if type(column) is not str or not 0 < len(column) <= MAX_NAME_LENGTH or "\x00" in column:
+            want_name(column, f"{what} column name")
+        kind = type(cell)
+        if kind is int:
+            if not INT64_MIN <= cell <= INT64_MAX:
+                want_sql_value(cell, f"{what}.{column}")
+        elif kind not in _SCALAR_TYPES:
+            want_sql_value(cell, f"{what}.{column}")
     return value

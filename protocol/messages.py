@@ -143,6 +143,25 @@ def _origin_from_wire(node_id: Any, incarnation: Any, what: str) -> Origin:
     )
 
 
+class _Origins:
+    """Decodes origins once per batch: a batch names few origins, thousands of times."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[Any, Any, type], Origin] = {}
+
+    def get(self, node_id: Any, incarnation: Any, what: str) -> Origin:
+        # The type is part of the key so that True or 1.0 never pass for a checked 1.
+        key = (node_id, incarnation, type(incarnation))
+        try:
+            return self._seen[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable value, refused just below
+            origin = _origin_from_wire(node_id, incarnation, what)
+            self._seen[key] = origin
+            return origin
+
+
 def _vector_to_wire(vector: VersionVector) -> list[list[Any]]:
     return [[origin.node_id, origin.incarnation, seq] for origin, seq in vector.items()]
 
@@ -163,11 +182,11 @@ def _version_to_wire(version: RowVersion) -> list[Any]:
     return [version.hlc, version.origin.node_id, version.origin.incarnation, version.generation]
 
 
-def _version_from_wire(value: Any, what: str) -> RowVersion:
+def _version_from_wire(value: Any, what: str, origins: _Origins | None = None) -> RowVersion:
     hlc, node_id, incarnation, generation = want_list(value, what, min_len=4, max_len=4)
     return RowVersion(
         want_int(hlc, f"{what} hlc"),
-        _origin_from_wire(node_id, incarnation, what),
+        (origins or _Origins()).get(node_id, incarnation, what),
         want_int(generation, f"{what} generation"),
     )
 
@@ -285,11 +304,14 @@ class Changes:
             raise RemoteProtocolError("Changes body does not match its checksum")
         # The body is bounded by the message it came in, which the codec already capped.
         changes, skips = want_list(unpack_strict(body), "Changes body", min_len=2, max_len=2)
+        origins = _Origins()
         return cls(
             node_id=want_name(node_id, "Changes node id"),
             sequence=want_int(sequence, "Changes sequence"),
             timestamp=want_int(timestamp, "Changes timestamp"),
-            changes=tuple(_change_from_wire(item) for item in want_list(changes, "changes")),
+            changes=tuple(
+                _change_from_wire(item, origins) for item in want_list(changes, "changes")
+            ),
             skips=tuple(_skip_from_wire(item) for item in want_list(skips, "skips")),
             protocol_version=version,
         )
@@ -321,7 +343,7 @@ def _row_to_wire(row: Mapping[str, SqlValue] | None) -> dict[str, SqlValue] | No
 _OPS = {int(op): op for op in Op}
 
 
-def _change_from_wire(value: Any) -> Change:
+def _change_from_wire(value: Any, origins: _Origins) -> Change:
     (node_id, incarnation, seq, table, op, pk, row, old, version, replaced) = want_list(
         value, "change", min_len=10, max_len=10
     )
@@ -335,15 +357,17 @@ def _change_from_wire(value: Any) -> Change:
     if (old_row is None) != (kind is Op.INSERT):
         raise RemoteProtocolError(f"change: {kind.name} {_must(kind is not Op.INSERT)} an old row")
     return Change(
-        origin=_origin_from_wire(node_id, incarnation, "change origin"),
+        origin=origins.get(node_id, incarnation, "change origin"),
         seq=want_int(seq, "change sequence", low=1),
         table=want_name(table, "change table"),
         op=kind,
         pk=_pk_from_wire(pk, "change primary key"),
         row=new_row,
         old=old_row,
-        version=_version_from_wire(version, "change version"),
-        replaced=None if replaced is None else _version_from_wire(replaced, "change replaced"),
+        version=_version_from_wire(version, "change version", origins),
+        replaced=None
+        if replaced is None
+        else _version_from_wire(replaced, "change replaced", origins),
     )
 
 
@@ -478,13 +502,14 @@ class SnapshotChunk:
     def from_wire(cls, value: Any) -> Self:
         snapshot_id, table, index, rows = _fields(value, cls, 4)
         parsed = []
+        origins = _Origins()
         for entry in want_list(rows, "SnapshotChunk rows"):
             pk, values, version = want_list(entry, "SnapshotChunk row", min_len=3, max_len=3)
             parsed.append(
                 SnapshotRow(
                     _pk_from_wire(pk, "SnapshotChunk primary key"),
                     None if values is None else want_row(values, "SnapshotChunk row"),
-                    _version_from_wire(version, "SnapshotChunk version"),
+                    _version_from_wire(version, "SnapshotChunk version", origins),
                 )
             )
         return cls(
