@@ -105,6 +105,8 @@ class Change:
     old: Mapping[str, SqlValue] | None
     version: RowVersion
     replaced: RowVersion | None = None
+    resolves: str | None = None
+    """The id of the conflict this write resolves (an operator's decision), if any."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +335,7 @@ def _change_to_wire(change: Change) -> list[Any]:
         _row_to_wire(change.old),
         _version_to_wire(change.version),
         None if change.replaced is None else _version_to_wire(change.replaced),
+        change.resolves,
     ]
 
 
@@ -344,8 +347,8 @@ _OPS = {int(op): op for op in Op}
 
 
 def _change_from_wire(value: Any, origins: _Origins) -> Change:
-    (node_id, incarnation, seq, table, op, pk, row, old, version, replaced) = want_list(
-        value, "change", min_len=10, max_len=10
+    (node_id, incarnation, seq, table, op, pk, row, old, version, replaced, resolves) = want_list(
+        value, "change", min_len=11, max_len=11
     )
     if type(op) is not int or op not in _OPS:
         raise RemoteProtocolError(f"change: unknown operation {op!r}")
@@ -368,6 +371,7 @@ def _change_from_wire(value: Any, origins: _Origins) -> Change:
         replaced=None
         if replaced is None
         else _version_from_wire(replaced, "change replaced", origins),
+        resolves=None if resolves is None else want_name(resolves, "change resolves"),
     )
 
 

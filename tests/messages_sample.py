@@ -54,6 +54,7 @@ def change(seq: int, op: Op = Op.UPDATE) -> Change:
         old=None if op is Op.INSERT else {"zero": 1, "blob": b"old"},
         version=version,
         replaced=None if op is Op.INSERT else RowVersion((1 << 47) - 1, NODE2, seq),
+        resolves="c0ffee" if op is Op.UPDATE else None,
     )
 
 

@@ -217,6 +217,7 @@ def _change_wire(**overrides: Any) -> list[Any]:
         "old": {"a": 0},
         "version": [5, "node1", 1, 2],
         "replaced": None,
+        "resolves": None,
     }
     wire.update(overrides)
     return list(wire.values())

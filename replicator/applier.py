@@ -1,0 +1,506 @@
+"""Applies what peers send: one batch, one transaction, the version order deciding every row.
+
+Inside a single ``BEGIN IMMEDIATE`` transaction the applier
+
+1. inserts the `_repl_applying` marker, so the capture triggers stay silent for our writes;
+2. drops duplicates (at or below the version vector) and our own current incarnation's echoes,
+   stops an origin at a gap (never skips it: the caller asks for a resend) or at a stamp too far
+   in the future (`max_clock_offset`), and lets skip markers advance the vector;
+3. decides each change against the row's current version with the table's strategy, keeping
+   the greater, detecting and counting conflicts, queueing those the strategy wants reviewed;
+4. writes each key's final winner once, the new row versions, every accepted entry to
+   `_repl_log` (with its original origin and sequence, so chains and meshes can forward it), the
+   advanced clock and the new vector, then removes the marker and commits.
+
+A change that cannot be applied (an unknown table or column, a UNIQUE violation) goes to the
+quarantine with an alarm instead of blocking the stream; its sequence still counts as received.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol import Change, Op, Origin, RowVersion, Skip
+from protocol.checks import SqlValue
+from replicator import conflicts, hlc
+from replicator.log import KEY_ORIGIN, KEY_SEQ, KEY_TABLE, get_logger
+from replicator.resolvers import Resolver, TimestampResolver
+from replicator.rows import encode_row, quote_identifier
+from replicator.store import Store
+from replicator.tables import OP_SKIP, TableInfo
+
+__all__ = ["Applier", "ApplyResult"]
+
+_log = get_logger("applier")
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    accepted: int = 0
+    written: int = 0
+    duplicates: int = 0
+    own: int = 0
+    conflicts: int = 0
+    near_ties: int = 0
+    queued: list[str] = field(default_factory=list)
+    quarantined: int = 0
+    gaps: dict[Origin, int] = field(default_factory=dict)
+    """Per origin, the next sequence this node needs (everything before it is held)."""
+    clock_refused: dict[Origin, int] = field(default_factory=dict)
+    vector: dict[Origin, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Meta:
+    version: RowVersion
+    deleted: bool
+    previous: RowVersion | None
+
+
+@dataclass(slots=True)
+class _Winner:
+    change: Change
+    info: TableInfo
+    key: str
+
+
+class Applier:
+    """Applies remote batches through its own `Store` (one thread at a time)."""
+
+    def __init__(
+        self,
+        store: Store,
+        resolvers: Mapping[str, Resolver] | None = None,
+        default_resolver: Resolver | None = None,
+        *,
+        max_clock_offset_ms: int = 60_000,
+        wall_clock_ms: Callable[[], int] = hlc.wall_clock_ms,
+    ) -> None:
+        self.store = store
+        self.resolvers = dict(resolvers or {})
+        self.default_resolver: Resolver = default_resolver or TimestampResolver()
+        self.max_clock_offset_ms = max_clock_offset_ms
+        self._wall_clock_ms = wall_clock_ms
+
+    def resolver_for(self, table: str) -> Resolver:
+        return self.resolvers.get(table, self.default_resolver)
+
+    def apply(self, changes: Sequence[Change], skips: Sequence[Skip] = ()) -> ApplyResult:
+        store = self.store
+        conn = store.conn
+        result = ApplyResult()
+        store.begin_immediate()
+        try:
+            conn.execute("INSERT INTO _repl_applying (marker) VALUES (1)")
+            self._apply_locked(conn, changes, skips, result)
+            conn.execute("DELETE FROM _repl_applying")
+            store.commit()
+        except BaseException:
+            store.rollback()
+            raise
+        for origin, wanted in result.gaps.items():
+            _log.info("gap in a peer's stream: asking for a resend", **{KEY_ORIGIN: str(origin)},
+                      **{KEY_SEQ: wanted})  # fmt: skip
+        return result
+
+    # -----------------------------------------------------------------------------------------
+
+    def _apply_locked(
+        self,
+        conn: sqlite3.Connection,
+        changes: Sequence[Change],
+        skips: Sequence[Skip],
+        result: ApplyResult,
+    ) -> None:
+        own = self.store.clock().origin
+        origins = {change.origin for change in changes} | {skip.origin for skip in skips}
+        origins.discard(own)
+        progress = _load_progress(conn, origins)
+        accepted, log_skips = self._admit(changes, skips, own, progress, result)
+        if not accepted and not log_skips:
+            return
+        metas = _load_metas(conn, self.store, accepted)
+        winners: dict[tuple[str, str], _Winner] = {}
+        log_rows: list[tuple[Any, ...]] = []
+        highest = 0
+        for change, info, key in accepted:
+            highest = max(highest, change.version.hlc)
+            log_rows.append(_log_row(change, key))
+            if info is None or not _columns_known(change, info):
+                self._quarantine(conn, change, key, "unknown table or column", result)
+                continue
+            if change.resolves is not None:
+                conflicts.close_resolved(conn, change.resolves, f"resolved on {change.origin}")
+            if self._decide(conn, change, info, key, metas, result):
+                winners[change.table, key] = _Winner(change, info, key)
+        failed = self._write_rows(conn, winners, result)
+        _save_metas(
+            conn,
+            (
+                (table, key, metas[table, key])
+                for (table, key) in winners
+                if (table, key) not in failed
+            ),
+        )
+        for skip in log_skips:
+            log_rows.append(_skip_row(skip))
+        conn.executemany(_INSERT_LOG, log_rows)
+        conn.executemany(
+            "INSERT INTO _repl_progress (origin_node, origin_inc, seq) VALUES (?, ?, ?)"
+            " ON CONFLICT (origin_node, origin_inc) DO UPDATE SET seq = excluded.seq",
+            [(o.node_id, o.incarnation, seq) for o, seq in progress.items() if o in origins],
+        )
+        if highest:
+            conn.execute("UPDATE _repl_clock SET hlc = MAX(hlc, ?) WHERE id = 1", (highest,))
+        result.vector = {o: progress[o] for o in origins if o in progress}
+
+    def _admit(
+        self,
+        changes: Sequence[Change],
+        skips: Sequence[Skip],
+        own: Origin,
+        progress: dict[Origin, int],
+        result: ApplyResult,
+    ) -> tuple[list[tuple[Change, TableInfo | None, str]], list[Skip]]:
+        """Filter the batch into what applies now, in per-origin sequence order."""
+        items: dict[Origin, list[Change | Skip]] = defaultdict(list)
+        entries_in: list[Change | Skip] = [*changes, *skips]
+        for entry in entries_in:
+            items[entry.origin].append(entry)
+        now_ms = self._wall_clock_ms()
+        tables = self.store.tables
+        accepted: list[tuple[Change, TableInfo | None, str]] = []
+        log_skips: list[Skip] = []
+        for origin, entries in items.items():
+            if origin == own:  # our own writes, echoed back by a peer
+                result.own += len(entries)
+                continue
+            entries.sort(key=_first_seq)
+            have = progress.get(origin, 0)
+            for entry in entries:
+                if isinstance(entry, Skip):
+                    if entry.last_seq <= have:
+                        continue
+                    if entry.first_seq > have + 1:
+                        result.gaps[origin] = have + 1
+                        break
+                    have = entry.last_seq
+                    log_skips.append(entry)
+                    continue
+                if entry.seq <= have:
+                    result.duplicates += 1
+                    continue
+                if entry.seq > have + 1:
+                    result.gaps[origin] = have + 1
+                    break
+                ahead = hlc.physical_ms(entry.version.hlc) - now_ms
+                if ahead > self.max_clock_offset_ms:
+                    result.clock_refused[origin] = entry.seq
+                    _log.error(
+                        "refusing a change stamped too far in the future: check the clocks",
+                        ahead_ms=ahead,
+                        max_clock_offset_ms=self.max_clock_offset_ms,
+                        **{KEY_ORIGIN: str(origin), KEY_SEQ: entry.seq},
+                    )
+                    break
+                have = entry.seq
+                info = tables.get(entry.table)
+                accepted.append((entry, info, self.store.key(entry.pk)))
+            progress[origin] = have
+        result.accepted = len(accepted)
+        return accepted, log_skips
+
+    def _decide(
+        self,
+        conn: sqlite3.Connection,
+        change: Change,
+        info: TableInfo,
+        key: str,
+        metas: dict[tuple[str, str], _Meta],
+        result: ApplyResult,
+    ) -> bool:
+        """Does the incoming version beat the current one? Detects conflicts on the way."""
+        resolver = self.resolver_for(change.table)
+        incoming = change.version
+        current = metas.get((change.table, key))
+        if current is None:
+            metas[change.table, key] = _Meta(incoming, change.op is Op.DELETE, change.replaced)
+            return True
+        order = resolver.order_key
+        wins = order(incoming) > order(current.version)
+        # A conflict: both sides wrote without knowing of the other. An incoming version that is
+        # the direct predecessor of ours (it reached us late, by another path) is not one.
+        if change.replaced != current.version and current.previous != incoming:
+            self._conflict(conn, change, info, key, current, wins, resolver, result)
+        if wins:
+            metas[change.table, key] = _Meta(incoming, change.op is Op.DELETE, change.replaced)
+        return wins
+
+    def _conflict(
+        self,
+        conn: sqlite3.Connection,
+        change: Change,
+        info: TableInfo,
+        key: str,
+        current: _Meta,
+        wins: bool,
+        resolver: Resolver,
+        result: ApplyResult,
+    ) -> None:
+        result.conflicts += 1
+        conflicts.count(conn, change.table, resolver.name, "concurrent")
+        if isinstance(resolver, TimestampResolver) and resolver.is_near_tie(
+            current.version, change.version
+        ):
+            result.near_ties += 1
+            conflicts.count(conn, change.table, resolver.name, "near_tie")
+        reason = resolver.review_reason(current.version, change.version)
+        if reason is None:
+            return
+        local_row = None if current.deleted else _current_row(conn, info, key)
+        ident = conflicts.record(
+            conn,
+            table=change.table,
+            key=key,
+            strategy=resolver.name,
+            reason=reason,
+            local=(current.version, encode_row(local_row)),
+            remote=(change.version, encode_row(change.row)),
+            winner="remote" if wins else "local",
+        )
+        result.queued.append(ident)
+        _log.warning(
+            "conflict queued for review",
+            conflict=ident,
+            reason=reason,
+            **{KEY_TABLE: change.table, KEY_ORIGIN: str(change.origin), KEY_SEQ: change.seq},
+        )
+
+    def _write_rows(
+        self,
+        conn: sqlite3.Connection,
+        winners: Mapping[tuple[str, str], _Winner],
+        result: ApplyResult,
+    ) -> set[tuple[str, str]]:
+        """Write each key's final winner; returns the keys that failed (quarantined)."""
+        groups: dict[tuple[str, Any], list[_Winner]] = defaultdict(list)
+        for winner in winners.values():
+            change = winner.change
+            shape = None if change.row is None else tuple(change.row)
+            groups[change.table, shape].append(winner)
+        failed: set[tuple[str, str]] = set()
+        for (_table, shape), members in groups.items():
+            info = members[0].info
+            sql = _delete_sql(info) if shape is None else _upsert_sql(info, shape)
+            params = [_params(member, shape) for member in members]
+            try:
+                conn.executemany(sql, params)
+            except sqlite3.IntegrityError:
+                # Find the culprits one by one; rewriting the others is idempotent.
+                for member, values in zip(members, params, strict=True):
+                    try:
+                        conn.execute(sql, values)
+                    except sqlite3.IntegrityError as error:
+                        failed.add((member.change.table, member.key))
+                        self._quarantine(conn, member.change, member.key, str(error), result)
+        result.written = len(winners) - len(failed)
+        return failed
+
+    def _quarantine(
+        self,
+        conn: sqlite3.Connection,
+        change: Change,
+        key: str,
+        reason: str,
+        result: ApplyResult,
+    ) -> None:
+        result.quarantined += 1
+        conn.execute(
+            "INSERT INTO _repl_quarantine (origin_node, origin_inc, origin_seq, tbl, pk, op,"
+            " new_row, old_row, hlc, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                change.origin.node_id,
+                change.origin.incarnation,
+                change.seq,
+                change.table,
+                key,
+                int(change.op),
+                encode_row(change.row),
+                encode_row(change.old),
+                change.version.hlc,
+                reason,
+                hlc.wall_clock_ms(),
+            ),
+        )
+        _log.error(
+            "change quarantined: it cannot be applied here",
+            reason=reason,
+            **{KEY_TABLE: change.table, KEY_ORIGIN: str(change.origin), KEY_SEQ: change.seq},
+        )
+
+
+def _first_seq(entry: Change | Skip) -> int:
+    return entry.first_seq if isinstance(entry, Skip) else entry.seq
+
+
+def _columns_known(change: Change, info: TableInfo) -> bool:
+    row = change.row if change.row is not None else change.old
+    return row is None or all(column in info.columns for column in row)
+
+
+def _load_progress(conn: sqlite3.Connection, origins: Iterable[Origin]) -> dict[Origin, int]:
+    wanted = set(origins)
+    if not wanted:
+        return {}
+    return {
+        Origin(node, inc): seq
+        for node, inc, seq in conn.execute(
+            "SELECT origin_node, origin_inc, seq FROM _repl_progress"
+        )
+        if Origin(node, inc) in wanted
+    }
+
+
+def _load_metas(
+    conn: sqlite3.Connection,
+    store: Store,
+    accepted: Sequence[tuple[Change, TableInfo | None, str]],
+) -> dict[tuple[str, str], _Meta]:
+    keys: dict[str, set[str]] = defaultdict(set)
+    for change, _info, key in accepted:
+        keys[change.table].add(key)
+    metas: dict[tuple[str, str], _Meta] = {}
+    for table, table_keys in keys.items():
+        for (
+            key,
+            stamp,
+            node,
+            inc,
+            generation,
+            deleted,
+            p_hlc,
+            p_node,
+            p_inc,
+            p_gen,
+        ) in conn.execute(
+            "SELECT pk, hlc, node, inc, generation, deleted, prev_hlc, prev_node, prev_inc,"
+            " prev_gen FROM _repl_rowmeta"
+            " WHERE tbl = ? AND pk IN (SELECT value FROM json_each(?))",
+            (table, json.dumps(list(table_keys))),
+        ):
+            previous = None if p_hlc is None else RowVersion(p_hlc, Origin(p_node, p_inc), p_gen)
+            metas[table, key] = _Meta(
+                RowVersion(stamp, Origin(node, inc), generation), bool(deleted), previous
+            )
+    del store
+    return metas
+
+
+def _save_metas(conn: sqlite3.Connection, metas: Iterable[tuple[str, str, _Meta]]) -> None:
+    rows = []
+    for table, key, meta in metas:
+        v, p = meta.version, meta.previous
+        rows.append(
+            (
+                table,
+                key,
+                v.hlc,
+                v.origin.node_id,
+                v.origin.incarnation,
+                v.generation,
+                int(meta.deleted),
+                None if p is None else p.hlc,
+                None if p is None else p.origin.node_id,
+                None if p is None else p.origin.incarnation,
+                None if p is None else p.generation,
+            )
+        )
+    conn.executemany(
+        "INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted, prev_hlc,"
+        " prev_node, prev_inc, prev_gen, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
+        " ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node,"
+        " inc = excluded.inc, generation = excluded.generation, deleted = excluded.deleted,"
+        " prev_hlc = excluded.prev_hlc, prev_node = excluded.prev_node,"
+        " prev_inc = excluded.prev_inc, prev_gen = excluded.prev_gen, hash = NULL",
+        rows,
+    )
+
+
+_INSERT_LOG = (
+    "INSERT INTO _repl_log (origin_node, origin_inc, origin_seq, op, tbl, pk, new_row, old_row,"
+    " hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen, first_seq, resolves)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _log_row(change: Change, key: str) -> tuple[Any, ...]:
+    v, p = change.version, change.replaced
+    return (
+        change.origin.node_id,
+        change.origin.incarnation,
+        change.seq,
+        int(change.op),
+        change.table,
+        key,
+        encode_row(change.row),
+        encode_row(change.old),
+        v.hlc,
+        v.generation,
+        None if p is None else p.hlc,
+        None if p is None else p.origin.node_id,
+        None if p is None else p.origin.incarnation,
+        None if p is None else p.generation,
+        None,
+        change.resolves,
+    )
+
+
+def _skip_row(skip: Skip) -> tuple[Any, ...]:
+    origin = skip.origin
+    return (origin.node_id, origin.incarnation, skip.last_seq, OP_SKIP, None, None, None, None,
+            0, None, None, None, None, None, skip.first_seq, None)  # fmt: skip
+
+
+def _current_row(conn: sqlite3.Connection, info: TableInfo, key: str) -> dict[str, SqlValue] | None:
+    names = ", ".join(quote_identifier(c) for c in info.columns)
+    key_expr = " || ',' || ".join(f"quote({quote_identifier(c)})" for c in info.primary_key)
+    row = conn.execute(
+        f"SELECT {names} FROM {quote_identifier(info.name)} WHERE {key_expr} = ?",
+        (key,),
+    ).fetchone()
+    return None if row is None else dict(zip(info.columns, row, strict=True))
+
+
+def _upsert_sql(info: TableInfo, columns: tuple[str, ...]) -> str:
+    names = ", ".join(quote_identifier(c) for c in columns)
+    marks = ", ".join("?" for _ in columns)
+    keys = ", ".join(quote_identifier(c) for c in info.primary_key)
+    others = [c for c in columns if c not in info.primary_key]
+    action = (
+        "DO UPDATE SET " + ", ".join(f"{quote_identifier(c)} = excluded.{quote_identifier(c)}"
+                                     for c in others)
+        if others
+        else "DO NOTHING"
+    )  # fmt: skip
+    return (
+        f"INSERT INTO {quote_identifier(info.name)} ({names}) VALUES ({marks})"
+        f" ON CONFLICT ({keys}) {action}"
+    )
+
+
+def _delete_sql(info: TableInfo) -> str:
+    where = " AND ".join(f"{quote_identifier(c)} IS ?" for c in info.primary_key)
+    return f"DELETE FROM {quote_identifier(info.name)} WHERE {where}"
+
+
+def _params(winner: _Winner, shape: tuple[str, ...] | None) -> Sequence[SqlValue]:
+    change = winner.change
+    if shape is None:
+        return change.pk
+    assert change.row is not None
+    return [change.row[column] for column in shape]

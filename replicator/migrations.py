@@ -1,0 +1,180 @@
+"""The versioned schema of replicator's own `_repl_*` tables, migrated forward on start.
+
+Each migration runs once, in its own transaction, and is recorded in `_repl_migrations`; running
+them again is a no-op. A database whose recorded version is newer than this code knows is
+refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from replicator.errors import SchemaError
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
+
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (
+        1,
+        "change log, row versions, clock, progress, conflicts, quarantine",
+        """
+        CREATE TABLE _repl_clock (
+            id          INTEGER PRIMARY KEY CHECK (id = 1),
+            node_id     TEXT    NOT NULL,
+            incarnation INTEGER NOT NULL,
+            hlc         INTEGER NOT NULL,
+            local_seq   INTEGER NOT NULL,
+            read_only   INTEGER NOT NULL DEFAULT 0,
+            promoted    INTEGER NOT NULL DEFAULT 0
+        );
+        -- Every change this node holds, local or forwarded, in commit order. ``seq`` is a log
+        -- position (AUTOINCREMENT: never reused, even after truncation); the origin sequence is
+        -- per (origin_node, origin_inc) and contiguous. op: 0 skip marker (first_seq..origin_seq
+        -- withheld by a filter), 1 insert, 2 update, 3 delete.
+        CREATE TABLE _repl_log (
+            seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+            origin_node TEXT    NOT NULL,
+            origin_inc  INTEGER NOT NULL,
+            origin_seq  INTEGER NOT NULL,
+            op          INTEGER NOT NULL,
+            tbl         TEXT,
+            pk          TEXT,
+            new_row     TEXT,
+            old_row     TEXT,
+            hlc         INTEGER NOT NULL,
+            generation  INTEGER,
+            prev_hlc    INTEGER,
+            prev_node   TEXT,
+            prev_inc    INTEGER,
+            prev_gen    INTEGER,
+            first_seq   INTEGER,
+            resolves    TEXT
+        );
+        CREATE UNIQUE INDEX _repl_log_origin ON _repl_log (origin_node, origin_inc, origin_seq);
+        -- The current version of every replicated row, deleted ones included (tombstones).
+        CREATE TABLE _repl_rowmeta (
+            tbl        TEXT    NOT NULL,
+            pk         TEXT    NOT NULL,
+            hlc        INTEGER NOT NULL,
+            node       TEXT    NOT NULL,
+            inc        INTEGER NOT NULL,
+            generation INTEGER NOT NULL,
+            deleted    INTEGER NOT NULL,
+            prev_hlc   INTEGER,
+            prev_node  TEXT,
+            prev_inc   INTEGER,
+            prev_gen   INTEGER,
+            hash       BLOB,
+            PRIMARY KEY (tbl, pk)
+        ) WITHOUT ROWID;
+        -- Version vector: highest contiguous origin sequence applied, per origin.
+        CREATE TABLE _repl_progress (
+            origin_node TEXT    NOT NULL,
+            origin_inc  INTEGER NOT NULL,
+            seq         INTEGER NOT NULL,
+            PRIMARY KEY (origin_node, origin_inc)
+        ) WITHOUT ROWID;
+        -- Holds one row only inside the applier's transaction: triggers skip while it exists.
+        CREATE TABLE _repl_applying (marker INTEGER PRIMARY KEY);
+        CREATE TABLE _repl_conflicts (
+            id             TEXT    PRIMARY KEY,
+            tbl            TEXT    NOT NULL,
+            pk             TEXT    NOT NULL,
+            strategy       TEXT    NOT NULL,
+            reason         TEXT    NOT NULL,
+            local_version  TEXT    NOT NULL,
+            remote_version TEXT    NOT NULL,
+            local_row      TEXT,
+            remote_row     TEXT,
+            winner         TEXT    NOT NULL,
+            status         TEXT    NOT NULL DEFAULT 'open',
+            detected_at    INTEGER NOT NULL,
+            closed_at      INTEGER,
+            resolution     TEXT
+        ) WITHOUT ROWID;
+        CREATE INDEX _repl_conflicts_status ON _repl_conflicts (status, detected_at);
+        CREATE TABLE _repl_conflict_counts (
+            tbl      TEXT    NOT NULL,
+            strategy TEXT    NOT NULL,
+            kind     TEXT    NOT NULL,
+            count    INTEGER NOT NULL,
+            PRIMARY KEY (tbl, strategy, kind)
+        ) WITHOUT ROWID;
+        CREATE TABLE _repl_quarantine (
+            id          INTEGER PRIMARY KEY,
+            origin_node TEXT    NOT NULL,
+            origin_inc  INTEGER NOT NULL,
+            origin_seq  INTEGER NOT NULL,
+            tbl         TEXT    NOT NULL,
+            pk          TEXT,
+            op          INTEGER NOT NULL,
+            new_row     TEXT,
+            old_row     TEXT,
+            hlc         INTEGER NOT NULL,
+            reason      TEXT    NOT NULL,
+            at          INTEGER NOT NULL
+        );
+        """,
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def _current_version(conn: sqlite3.Connection) -> int:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS _repl_migrations ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+    )
+    (version,) = conn.execute("SELECT COALESCE(MAX(version), 0) FROM _repl_migrations").fetchone()
+    return int(version)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring `_repl_*` up to date; returns the schema version. ``conn`` is in autocommit mode."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = _current_version(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"the database's replicator schema is version {version}, newer than this "
+            f"replicator knows ({SCHEMA_VERSION})",
+            op="migrate",
+            hint="upgrade replicator on this node",
+        )
+    for number, name, script in MIGRATIONS:
+        if number <= version:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if _current_version(conn) >= number:  # another process migrated meanwhile
+                conn.execute("COMMIT")
+                continue
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO _repl_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (number, name, int(time.time())),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return SCHEMA_VERSION
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (executescript would commit on its own)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer.strip())
+    return [statement for statement in statements if statement]

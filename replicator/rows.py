@@ -1,0 +1,114 @@
+"""How rows and keys are written down in `_repl_*` tables, in SQL and in Python alike.
+
+Rows: the capture triggers build a JSON object per row with SQLite's json_object. JSON keeps
+integers (all 64 bits), text and null exactly, but cannot hold a blob and prints reals with 15
+digits, so those two are tagged: a blob as ``["b", "<HEX>"]``, a real as ``["r", quote(x)]``
+(SQLite's quote() prints a real so that it reads back exactly). A SQLite value is never a JSON
+array, so the tags cannot be confused with data.
+
+Keys: a row's primary key is identified by the SQL literals of its values, as SQLite's quote()
+prints them, joined by commas: exact for every type, computable inside a trigger, and mirrored
+here in Python (reals, which are rare in keys, are quoted by asking SQLite).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from protocol.checks import SqlValue
+
+__all__ = [
+    "decode_row",
+    "encode_row",
+    "json_value_sql",
+    "key_sql",
+    "pk_key",
+    "quote_identifier",
+    "quote_literal",
+]
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def json_value_sql(expression: str) -> str:
+    """SQL turning one value into its JSON form (tagged for blobs and reals)."""
+    return (
+        f"CASE typeof({expression}) WHEN 'blob' THEN json_array('b', hex({expression})) "
+        f"WHEN 'real' THEN json_array('r', quote({expression})) ELSE {expression} END"
+    )
+
+
+def row_json_sql(prefix: str, columns: Sequence[str]) -> str:
+    """SQL building the JSON object of a row (``prefix`` is NEW or OLD inside a trigger)."""
+    pairs = ", ".join(
+        f"{quote_literal(column)}, {json_value_sql(f'{prefix}.{quote_identifier(column)}')}"
+        for column in columns
+    )
+    return f"json_object({pairs})"
+
+
+def key_sql(prefix: str, pk_columns: Sequence[str]) -> str:
+    """SQL computing a row's key from its primary-key columns."""
+    return " || ',' || ".join(
+        f"quote({prefix}.{quote_identifier(column)})" for column in pk_columns
+    )
+
+
+def _decode_value(value: Any) -> SqlValue:
+    if type(value) is list:
+        tag, text = value
+        return bytes.fromhex(text) if tag == "b" else float(text)
+    return value  # type: ignore[no-any-return]
+
+
+def decode_row(text: str | None) -> dict[str, SqlValue] | None:
+    if text is None:
+        return None
+    return {column: _decode_value(value) for column, value in json.loads(text).items()}
+
+
+def _encode_value(value: SqlValue) -> Any:
+    kind = type(value)
+    if kind is bytes:
+        return ["b", value.hex().upper()]  # type: ignore[union-attr]
+    if kind is float:
+        return ["r", repr(value)]
+    return value
+
+
+def encode_row(row: Mapping[str, SqlValue] | None) -> str | None:
+    if row is None:
+        return None
+    return json.dumps(
+        {column: _encode_value(value) for column, value in row.items()},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def pk_key(values: Sequence[SqlValue], quote_real: Callable[[float], str]) -> str:
+    """The key string SQLite's ``quote(a) || ',' || quote(b)`` gives for these values."""
+    return ",".join(_quote(value, quote_real) for value in values)
+
+
+def _quote(value: SqlValue, quote_real: Callable[[float], str]) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):  # pragma: no cover - never produced by the codecs
+        raise TypeError("booleans are not SQLite values")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        # quote() stops at a NUL byte, as C strings do; mirror it so keys agree.
+        return quote_literal(value.split("\x00", 1)[0])
+    if isinstance(value, bytes):
+        return "X'" + value.hex().upper() + "'"
+    return quote_real(value)

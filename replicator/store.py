@@ -1,0 +1,367 @@
+"""The application's SQLite state database, as replication sees it.
+
+`Store.open` prepares the file once at start: pragmas, the `_repl_*` schema (migrated forward),
+the clock row that names this node and its incarnation, and the capture triggers of every
+replicated table. Then each worker thread opens its own `Store` on the prepared file
+(``prepare=False``): a connection belongs to one thread at a time, and every call here is a
+short transaction, so the application's own writers never wait long.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol import Change, Op, Origin, RowVersion, Skip
+from replicator import hlc
+from replicator.errors import SchemaError
+from replicator.log import KEY_TABLE, get_logger
+from replicator.migrations import migrate
+from replicator.rows import decode_row, pk_key, quote_identifier
+from replicator.tables import (
+    OP_SKIP,
+    TRIGGER_PREFIX,
+    TableInfo,
+    inspect_table,
+    trigger_statements,
+)
+
+__all__ = ["ClockState", "LogRecord", "Store", "StoreSettings", "connect"]
+
+_log = get_logger("store")
+_ALLOWED_PRAGMAS = frozenset(
+    {"journal_mode", "synchronous", "cache_size", "temp_store", "mmap_size", "wal_autocheckpoint"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    path: str
+    node_id: str
+    tables: tuple[str, ...]
+    pragmas: Mapping[str, str | int] = field(
+        default_factory=lambda: {"journal_mode": "WAL", "synchronous": "NORMAL"}
+    )
+    busy_timeout_ms: int = 5000
+    schema_sql: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClockState:
+    origin: Origin
+    hlc: int
+    local_seq: int
+    read_only: bool
+    promoted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """One `_repl_log` entry: a change or a skip marker, at its local log position."""
+
+    position: int
+    entry: Change | Skip
+
+
+def connect(settings: StoreSettings) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), pragmas applied."""
+    conn = sqlite3.connect(settings.path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout_ms)}")
+    for name, value in settings.pragmas.items():
+        if name not in _ALLOWED_PRAGMAS:
+            raise SchemaError(f"unsupported database setting {name!r}", op="connect")
+        conn.execute(f"PRAGMA {name} = {_pragma_value(value)}")
+    return conn
+
+
+def _pragma_value(value: str | int) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if not value.replace("_", "").isalnum():
+        raise SchemaError(f"invalid database setting value {value!r}", op="connect")
+    return value
+
+
+class Store:
+    """One connection to the state database; use it from one thread at a time."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, settings: StoreSettings, tables: dict[str, TableInfo]
+    ) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.tables = tables
+        self.origin = self.clock().origin
+
+    @classmethod
+    def open(cls, settings: StoreSettings, *, prepare: bool = True) -> Store:
+        conn = connect(settings)
+        try:
+            if prepare:
+                migrate(conn)
+                _apply_application_schema(conn, settings)
+                _init_clock(conn, settings.node_id)
+                tables = install_triggers(conn, settings.tables)
+            else:
+                tables = {name: inspect_table(conn, name) for name in settings.tables}
+            return cls(conn, settings, tables)
+        except BaseException:
+            conn.close()
+            raise
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- transactions ----------------------------------------------------------------------
+
+    def begin_immediate(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def clock(self) -> ClockState:
+        row = self.conn.execute(
+            "SELECT node_id, incarnation, hlc, local_seq, read_only, promoted"
+            " FROM _repl_clock WHERE id = 1"
+        ).fetchone()
+        if row is None:
+            raise SchemaError("the state database has no clock row", op="clock")
+        node_id, incarnation, stamp, local_seq, read_only, promoted = row
+        return ClockState(
+            Origin(node_id, incarnation), stamp, local_seq, bool(read_only), bool(promoted)
+        )
+
+    def version_vector(self) -> dict[Origin, int]:
+        """What this node holds: applied progress per origin, plus its own captures."""
+        vector = {
+            Origin(node, inc): seq
+            for node, inc, seq in self.conn.execute(
+                "SELECT origin_node, origin_inc, seq FROM _repl_progress"
+            )
+        }
+        clock = self.clock()
+        if clock.local_seq:
+            vector[clock.origin] = clock.local_seq
+        return vector
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (cheap to poll)."""
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA schema_version").fetchone()[0])
+
+    def log_position(self) -> int:
+        row = self.conn.execute("SELECT MAX(seq) FROM _repl_log").fetchone()
+        return int(row[0] or 0)
+
+    def read_log(self, after: int, limit: int) -> list[LogRecord]:
+        rows = self.conn.execute(
+            "SELECT seq, origin_node, origin_inc, origin_seq, op, tbl, pk, new_row, old_row,"
+            " hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen, first_seq, resolves"
+            " FROM _repl_log WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [self._record(row) for row in rows]
+
+    def _record(self, row: Sequence[Any]) -> LogRecord:
+        (position, node, inc, origin_seq, op, table, key, new_row, old_row, stamp, generation,
+         prev_hlc, prev_node, prev_inc, prev_gen, first_seq, resolves) = row  # fmt: skip
+        origin = Origin(node, inc)
+        if op == OP_SKIP:
+            return LogRecord(position, Skip(origin, first_seq, origin_seq))
+        new = decode_row(new_row)
+        old = decode_row(old_row)
+        info = self.tables.get(table)
+        source = new if new is not None else old
+        if info is not None and source is not None:
+            pk = tuple(source[column] for column in info.primary_key)
+        else:  # a table not replicated here: peers that replicate it know its key columns
+            pk = (key,)
+        return LogRecord(
+            position,
+            Change(
+                origin=origin,
+                seq=origin_seq,
+                table=table,
+                op=Op(op),
+                pk=pk,
+                row=new,
+                old=old,
+                version=RowVersion(stamp, origin, generation),
+                replaced=None
+                if prev_hlc is None
+                else RowVersion(prev_hlc, Origin(prev_node, prev_inc), prev_gen),
+                resolves=resolves,
+            ),
+        )
+
+    def row_version(self, table: str, pk: Sequence[Any]) -> tuple[RowVersion, bool] | None:
+        """The current version of a row and whether it is deleted (None: never seen)."""
+        row = self.conn.execute(
+            "SELECT hlc, node, inc, generation, deleted FROM _repl_rowmeta"
+            " WHERE tbl = ? AND pk = ?",
+            (table, self.key(pk)),
+        ).fetchone()
+        if row is None:
+            return None
+        stamp, node, inc, generation, deleted = row
+        return RowVersion(stamp, Origin(node, inc), generation), bool(deleted)
+
+    def key(self, pk: Sequence[Any]) -> str:
+        return pk_key(pk, self.quote_real)
+
+    def quote_real(self, value: float) -> str:
+        return str(self.conn.execute("SELECT quote(?)", (value,)).fetchone()[0])
+
+    # -- node state ------------------------------------------------------------------------
+
+    def set_read_only(self, read_only: bool, *, promoted: bool = False) -> None:
+        """Replica mode: triggers refuse local writes. Promotion is recorded and survives."""
+        self.conn.execute(
+            "UPDATE _repl_clock SET read_only = ?, promoted = promoted OR ? WHERE id = 1",
+            (int(read_only), int(promoted)),
+        )
+
+    def start_new_incarnation(self) -> Origin:
+        """A new origin for this node (after a restore or a recovery): sequences restart at 1
+        under an incarnation no peer has seen, so none is ever reused."""
+        self.begin_immediate()
+        try:
+            clock = self.clock()
+            incarnation = max(clock.origin.incarnation + 1, hlc.wall_clock_ms())
+            self.conn.execute(
+                "UPDATE _repl_clock SET incarnation = ?, local_seq = 0 WHERE id = 1",
+                (incarnation,),
+            )
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+        self.origin = Origin(clock.origin.node_id, incarnation)
+        return self.origin
+
+    def refresh_triggers(self, recapture_after: int | None = None) -> list[str]:
+        """Regenerate triggers after the application altered a replicated table.
+
+        Writes that landed between the ALTER and now were captured by the old triggers,
+        without the new columns. Each such row is captured again, whole, by a no-op UPDATE
+        through the new triggers (in the same transaction, so no write slips between).
+        Returns the tables whose triggers changed.
+        """
+        self.begin_immediate()
+        try:
+            before = dict(self.tables)
+            self.tables = install_triggers(self.conn, self.settings.tables, in_transaction=True)
+            changed = [name for name, info in self.tables.items() if before.get(name) != info]
+            if recapture_after is not None:
+                for name in changed:
+                    self._recapture(self.tables[name], recapture_after)
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+        return changed
+
+    def _recapture(self, info: TableInfo, after: int) -> None:
+        keys = [
+            key
+            for (key, new_row) in self.conn.execute(
+                "SELECT pk, new_row FROM _repl_log WHERE seq > ? AND tbl = ? AND op IN (1, 2)",
+                (after, info.name),
+            )
+            if set(decode_row(new_row) or ()) != set(info.columns)
+        ]
+        if not keys:
+            return
+        target = quote_identifier(info.name)
+        column = quote_identifier(info.columns[0])
+        key_expr = " || ',' || ".join(f"quote({quote_identifier(c)})" for c in info.primary_key)
+        self.conn.executemany(
+            f"UPDATE {target} SET {column} = {column} WHERE {key_expr} = ?",
+            [(key,) for key in dict.fromkeys(keys)],
+        )
+        _log.info("recaptured rows written during a schema change", table=info.name, rows=len(keys))
+
+
+def _apply_application_schema(conn: sqlite3.Connection, settings: StoreSettings) -> None:
+    if settings.schema_sql is None:
+        return
+    present = {name for (name,) in conn.execute("SELECT name FROM sqlite_schema")}
+    if all(table in present for table in settings.tables):
+        return
+    conn.executescript(settings.schema_sql)
+
+
+def _init_clock(conn: sqlite3.Connection, node_id: str) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT node_id FROM _repl_clock WHERE id = 1").fetchone()
+        if row is None:
+            now = hlc.wall_clock_ms()
+            # A fresh database is a new incarnation: a node whose file was re-created must
+            # not reuse the origin sequences its earlier life already sent.
+            conn.execute(
+                "INSERT INTO _repl_clock (id, node_id, incarnation, hlc, local_seq)"
+                " VALUES (1, ?, ?, ?, 0)",
+                (node_id, now, hlc.pack(now)),
+            )
+        elif row[0] != node_id:
+            raise SchemaError(
+                f"the state database belongs to node {row[0]!r}, not {node_id!r}",
+                op="open",
+                hint="check replication.node_id and state.path",
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def install_triggers(
+    conn: sqlite3.Connection, names: Iterable[str], *, in_transaction: bool = False
+) -> dict[str, TableInfo]:
+    """Make the capture triggers match the configured tables as they are now."""
+    if not in_transaction:
+        conn.execute("BEGIN IMMEDIATE")
+    try:
+        tables = {name: inspect_table(conn, name) for name in names}
+        existing = dict(
+            conn.execute(
+                "SELECT name, sql FROM sqlite_schema WHERE type = 'trigger' AND name LIKE ?",
+                (TRIGGER_PREFIX.replace("_", "\\_") + "%",),
+            ).fetchall()
+        )
+        wanted: dict[str, str] = {}
+        for info in tables.values():
+            wanted.update(trigger_statements(info))
+            if info.auto_integer_key:
+                _log.warning(
+                    "table key is an auto-assigned integer: two nodes inserting at once will "
+                    "collide on it; prefer keys unique across nodes (natural keys, UUIDs)",
+                    **{KEY_TABLE: info.name},
+                )
+        for name, sql in existing.items():
+            if not name.startswith(TRIGGER_PREFIX):  # LIKE's escape is not exact; be sure
+                continue
+            if wanted.get(name) != sql:
+                conn.execute(f"DROP TRIGGER {quote_identifier(name)}")
+        for name, sql in wanted.items():
+            if existing.get(name) != sql:
+                conn.execute(sql)
+        if not in_transaction:
+            conn.execute("COMMIT")
+    except BaseException:
+        if not in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return tables

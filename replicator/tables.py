@@ -1,0 +1,147 @@
+"""The application's replicated tables: what they look like, and the triggers that capture them.
+
+Capture runs inside the application's own transactions, on connections we do not control, so
+it is written in plain SQL: no custom functions, no temp tables. For each write the trigger
+
+1. refuses it if this node is a replica (the database says so in the clock row),
+2. ticks the hybrid logical clock and the origin sequence in the clock row,
+3. appends the change to `_repl_log`, with the version it replaces read from `_repl_rowmeta`,
+4. records the row's new version in `_repl_rowmeta`.
+
+Triggers do nothing while `_repl_applying` holds a row: that is the applier writing what a peer
+sent, which must not be captured again. An UPDATE that changes the primary key is captured as
+a delete of the old key and an insert of the new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from replicator.errors import SchemaError
+from replicator.hlc import TICK_SQL
+from replicator.rows import key_sql, quote_identifier, quote_literal, row_json_sql
+
+__all__ = ["TRIGGER_PREFIX", "TableInfo", "inspect_table", "trigger_statements"]
+
+TRIGGER_PREFIX = "_repl_capture_"
+OP_SKIP, OP_INSERT, OP_UPDATE, OP_DELETE = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    name: str
+    columns: tuple[str, ...]
+    primary_key: tuple[str, ...]
+    without_rowid: bool
+    auto_integer_key: bool
+
+    @property
+    def trigger_names(self) -> tuple[str, str, str, str]:
+        base = TRIGGER_PREFIX + self.name
+        return (f"{base}_insert", f"{base}_update", f"{base}_rekey", f"{base}_delete")
+
+
+def inspect_table(conn: sqlite3.Connection, name: str) -> TableInfo:
+    listed = conn.execute(
+        "SELECT type, wr FROM pragma_table_list WHERE schema = 'main' AND name = ?", (name,)
+    ).fetchone()
+    if listed is None or listed[0] != "table":
+        raise SchemaError(
+            f"replicated table {name!r} does not exist in the state database",
+            op="inspect",
+            hint="create it (state.schema) or remove it from replication.data",
+        )
+    columns: list[str] = []
+    keyed: list[tuple[int, str, str]] = []
+    for _cid, column, declared, _notnull, _default, pk, hidden in conn.execute(
+        'SELECT cid, name, type, "notnull", dflt_value, pk, hidden FROM pragma_table_xinfo(?)',
+        (name,),
+    ):
+        if hidden:  # generated columns are computed on every node, never replicated
+            continue
+        columns.append(column)
+        if pk:
+            keyed.append((pk, column, declared))
+    if not keyed:
+        raise SchemaError(
+            f"replicated table {name!r} has no primary key",
+            op="inspect",
+            hint="replication identifies rows by primary key; add one (a natural key or UUID)",
+        )
+    keyed.sort()
+    without_rowid = bool(listed[1])
+    auto_integer_key = (
+        not without_rowid and len(keyed) == 1 and keyed[0][2].strip().upper() == "INTEGER"
+    )
+    return TableInfo(
+        name=name,
+        columns=tuple(columns),
+        primary_key=tuple(column for _, column, _ in keyed),
+        without_rowid=without_rowid,
+        auto_integer_key=auto_integer_key,
+    )
+
+
+def _capture(table: TableInfo, op: int) -> str:
+    """Statements logging one change (a delete reads the key from OLD, others from NEW)."""
+    name = quote_literal(table.name)
+    prefix = "OLD" if op == OP_DELETE else "NEW"
+    key = key_sql(prefix, table.primary_key)
+    new_row = row_json_sql("NEW", table.columns) if op != OP_DELETE else "NULL"
+    old_row = row_json_sql("OLD", table.columns) if op != OP_INSERT else "NULL"
+    return f"""
+    UPDATE _repl_clock SET hlc = {TICK_SQL}, local_seq = local_seq + 1 WHERE id = 1;
+    INSERT INTO _repl_log (origin_node, origin_inc, origin_seq, op, tbl, pk, new_row, old_row,
+                           hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen)
+    SELECT c.node_id, c.incarnation, c.local_seq, {op}, {name}, {key}, {new_row}, {old_row},
+           c.hlc, COALESCE(m.generation, 0) + 1, m.hlc, m.node, m.inc, m.generation
+    FROM _repl_clock AS c LEFT JOIN _repl_rowmeta AS m ON m.tbl = {name} AND m.pk = {key}
+    WHERE c.id = 1;
+    INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted,
+                               prev_hlc, prev_node, prev_inc, prev_gen, hash)
+    SELECT tbl, pk, hlc, origin_node, origin_inc, generation, op = {OP_DELETE},
+           prev_hlc, prev_node, prev_inc, prev_gen, NULL
+    FROM _repl_log WHERE seq = last_insert_rowid()
+    ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node,
+        inc = excluded.inc, generation = excluded.generation, deleted = excluded.deleted,
+        prev_hlc = excluded.prev_hlc, prev_node = excluded.prev_node,
+        prev_inc = excluded.prev_inc, prev_gen = excluded.prev_gen, hash = NULL;"""
+
+
+def _refuse_on_replica(table: TableInfo) -> str:
+    message = quote_literal(
+        f"replicator: table {table.name} is read-only on this replica node; "
+        "write on the primary (or promote this node)"
+    )
+    return f"\n    SELECT RAISE(ABORT, {message}) FROM _repl_clock WHERE id = 1 AND read_only;"
+
+
+def trigger_statements(table: TableInfo) -> dict[str, str]:
+    """Trigger name -> CREATE TRIGGER statement, for the table as it is now."""
+    target = quote_identifier(table.name)
+    not_applying = "NOT EXISTS (SELECT 1 FROM _repl_applying)"
+    same_key = f"{key_sql('OLD', table.primary_key)} IS {key_sql('NEW', table.primary_key)}"
+    guard = _refuse_on_replica(table)
+    insert_name, update_name, rekey_name, delete_name = table.trigger_names
+    bodies = {
+        insert_name: ("INSERT", not_applying, guard + _capture(table, OP_INSERT)),
+        update_name: (
+            "UPDATE",
+            f"{not_applying} AND {same_key}",
+            guard + _capture(table, OP_UPDATE),
+        ),
+        rekey_name: (
+            "UPDATE",
+            f"{not_applying} AND NOT ({same_key})",
+            guard + _capture(table, OP_DELETE) + _capture(table, OP_INSERT),
+        ),
+        delete_name: ("DELETE", not_applying, guard + _capture(table, OP_DELETE)),
+    }
+    return {
+        name: (
+            f"CREATE TRIGGER {quote_identifier(name)} AFTER {event} ON {target}\n"
+            f"WHEN {condition}\nBEGIN{body}\nEND"
+        )
+        for name, (event, condition, body) in bodies.items()
+    }
