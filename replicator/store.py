@@ -335,12 +335,13 @@ def install_triggers(
         conn.execute("BEGIN IMMEDIATE")
     try:
         tables = {name: inspect_table(conn, name) for name in names}
-        existing = dict(
-            conn.execute(
-                "SELECT name, sql FROM sqlite_schema WHERE type = 'trigger' AND name LIKE ?",
-                (TRIGGER_PREFIX.replace("_", "\\_") + "%",),
-            ).fetchall()
-        )
+        existing = {
+            name: sql
+            for name, sql in conn.execute(
+                "SELECT name, sql FROM sqlite_schema WHERE type = 'trigger'"
+            )
+            if name.startswith(TRIGGER_PREFIX)
+        }
         wanted: dict[str, str] = {}
         for info in tables.values():
             wanted.update(trigger_statements(info))
@@ -351,8 +352,6 @@ def install_triggers(
                     **{KEY_TABLE: info.name},
                 )
         for name, sql in existing.items():
-            if not name.startswith(TRIGGER_PREFIX):  # LIKE's escape is not exact; be sure
-                continue
             if wanted.get(name) != sql:
                 conn.execute(f"DROP TRIGGER {quote_identifier(name)}")
         for name, sql in wanted.items():
