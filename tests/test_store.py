@@ -72,7 +72,10 @@ def test_composite_key_and_without_rowid_table_are_captured(tmp_path: Path) -> N
 def test_upsert_and_replace_are_captured_with_growing_generations(tmp_path: Path) -> None:
     store = open_store(tmp_path / "s.db")
     conn = app(tmp_path / "s.db")
-    upsert = "INSERT INTO leases (mac, ip) VALUES ('m', ?) ON CONFLICT (mac) DO UPDATE SET ip = excluded.ip"
+    upsert = (
+        "INSERT INTO leases (mac, ip) VALUES ('m', ?)"
+        " ON CONFLICT (mac) DO UPDATE SET ip = excluded.ip"
+    )
     conn.execute(upsert, ("10.0.0.1",))
     conn.execute(upsert, ("10.0.0.2",))
     conn.execute("INSERT OR REPLACE INTO leases (mac, ip) VALUES ('m', '10.0.0.3')")
@@ -96,9 +99,12 @@ def test_update_of_the_primary_key_is_a_delete_plus_an_insert(tmp_path: Path) ->
         ("new",),
         {"mac": "new", "ip": "10.0.0.1", "expires": None, "client": None, "score": None},
     )
-    versions = store.row_version("leases", ("old",)), store.row_version("leases", ("new",))
-    assert versions[0] is not None and versions[0][1]  # tombstone for the old key
-    assert versions[1] is not None and not versions[1][1]
+    old_key = store.row_version("leases", ("old",))
+    new_key = store.row_version("leases", ("new",))
+    assert old_key is not None
+    assert old_key[1]  # a tombstone for the old key
+    assert new_key is not None
+    assert not new_key[1]
 
 
 def test_rolled_back_writes_leave_no_trace(tmp_path: Path) -> None:
