@@ -136,8 +136,9 @@ class Applier:
                 continue
             if change.resolves is not None:
                 conflicts.close_resolved(conn, change.resolves, f"resolved on {change.origin}")
-            if self._decide(conn, change, info, key, metas, result):
-                winners[change.table, key] = _Winner(change, info, key)
+            candidate = _Winner(change, info, key)
+            if self._decide(conn, candidate, metas, winners, result):
+                winners[change.table, key] = candidate
         failed = self._write_rows(conn, winners, result)
         _save_metas(
             conn,
@@ -218,13 +219,13 @@ class Applier:
     def _decide(
         self,
         conn: sqlite3.Connection,
-        change: Change,
-        info: TableInfo,
-        key: str,
+        candidate: _Winner,
         metas: dict[tuple[str, str], _Meta],
+        pending: Mapping[tuple[str, str], _Winner],
         result: ApplyResult,
     ) -> bool:
         """Does the incoming version beat the current one? Detects conflicts on the way."""
+        change, key = candidate.change, candidate.key
         resolver = self.resolver_for(change.table)
         incoming = change.version
         current = metas.get((change.table, key))
@@ -236,7 +237,12 @@ class Applier:
         # A conflict: both sides wrote without knowing of the other. An incoming version that is
         # the direct predecessor of ours (it reached us late, by another path) is not one.
         if change.replaced != current.version and current.previous != incoming:
-            self._conflict(conn, change, info, key, current, wins, resolver, result)
+            earlier = pending.get((change.table, key))
+            if earlier is not None:  # the current version arrived earlier in this batch
+                local_row = earlier.change.row
+            else:
+                local_row = None if current.deleted else _current_row(conn, candidate)
+            self._conflict(conn, change, key, current, local_row, wins, resolver, result)
         if wins:
             metas[change.table, key] = _Meta(incoming, change.op is Op.DELETE, change.replaced)
         return wins
@@ -245,9 +251,9 @@ class Applier:
         self,
         conn: sqlite3.Connection,
         change: Change,
-        info: TableInfo,
         key: str,
         current: _Meta,
+        local_row: Mapping[str, SqlValue] | None,
         wins: bool,
         resolver: Resolver,
         result: ApplyResult,
@@ -262,7 +268,6 @@ class Applier:
         reason = resolver.review_reason(current.version, change.version)
         if reason is None:
             return
-        local_row = None if current.deleted else _current_row(conn, info, key)
         ident = conflicts.record(
             conn,
             table=change.table,
@@ -466,7 +471,9 @@ def _skip_row(skip: Skip) -> tuple[Any, ...]:
             0, None, None, None, None, None, skip.first_seq, None)  # fmt: skip
 
 
-def _current_row(conn: sqlite3.Connection, info: TableInfo, key: str) -> dict[str, SqlValue] | None:
+def _current_row(conn: sqlite3.Connection, target: _Winner) -> dict[str, SqlValue] | None:
+    """The row as stored now, under the key of ``target``."""
+    info, key = target.info, target.key
     names = ", ".join(quote_identifier(c) for c in info.columns)
     key_expr = " || ',' || ".join(f"quote({quote_identifier(c)})" for c in info.primary_key)
     row = conn.execute(
