@@ -67,6 +67,7 @@ class _Winner:
     change: Change
     info: TableInfo
     key: str
+    position: int
 
 
 class Applier:
@@ -124,33 +125,36 @@ class Applier:
         accepted, log_skips = self._admit(changes, skips, own, progress, result)
         if not accepted and not log_skips:
             return
-        metas = _load_metas(conn, self.store, accepted)
+        metas = _load_metas(conn, accepted)
+        # Log positions come from the clock row's counter, like the triggers' (never reused).
+        (last,) = conn.execute(
+            "UPDATE _repl_clock SET log_seq = log_seq + ? WHERE id = 1 RETURNING log_seq",
+            (len(accepted) + len(log_skips),),
+        ).fetchone()
+        position = last - len(accepted) - len(log_skips)
         winners: dict[tuple[str, str], _Winner] = {}
+        column_sets = {name: info.column_set for name, info in self.store.tables.items()}
         log_rows: list[tuple[Any, ...]] = []
         highest = 0
         for change, info, key in accepted:
+            position += 1
             highest = max(highest, change.version.hlc)
-            log_rows.append(_log_row(change, key))
-            if info is None or not _columns_known(change, info):
+            log_rows.append(_log_row(position, change, key))
+            if info is None or not _columns_known(change, column_sets[info.name]):
                 self._quarantine(conn, change, key, "unknown table or column", result)
                 continue
             if change.resolves is not None:
                 conflicts.close_resolved(conn, change.resolves, f"resolved on {change.origin}")
-            candidate = _Winner(change, info, key)
+            candidate = _Winner(change, info, key, position)
             if self._decide(conn, candidate, metas, winners, result):
                 winners[change.table, key] = candidate
-        failed = self._write_rows(conn, winners, result)
-        _save_metas(
-            conn,
-            (
-                (table, key, metas[table, key])
-                for (table, key) in winners
-                if (table, key) not in failed
-            ),
-        )
         for skip in log_skips:
-            log_rows.append(_skip_row(skip))
+            position += 1
+            log_rows.append(_skip_row(position, skip))
         conn.executemany(_INSERT_LOG, log_rows)
+        failed = self._write_rows(conn, winners, result)
+        saved = [w.position for k, w in winners.items() if k not in failed]
+        conn.execute(_SAVE_METAS, (json.dumps(saved),))
         conn.executemany(
             "INSERT INTO _repl_progress (origin_node, origin_inc, seq) VALUES (?, ?, ?)"
             " ON CONFLICT (origin_node, origin_inc) DO UPDATE SET seq = excluded.seq",
@@ -353,9 +357,9 @@ def _first_seq(entry: Change | Skip) -> int:
     return entry.first_seq if isinstance(entry, Skip) else entry.seq
 
 
-def _columns_known(change: Change, info: TableInfo) -> bool:
+def _columns_known(change: Change, columns: frozenset[str]) -> bool:
     row = change.row if change.row is not None else change.old
-    return row is None or all(column in info.columns for column in row)
+    return row is None or row.keys() <= columns
 
 
 def _load_progress(conn: sqlite3.Connection, origins: Iterable[Origin]) -> dict[Origin, int]:
@@ -373,7 +377,6 @@ def _load_progress(conn: sqlite3.Connection, origins: Iterable[Origin]) -> dict[
 
 def _load_metas(
     conn: sqlite3.Connection,
-    store: Store,
     accepted: Sequence[tuple[Change, TableInfo | None, str]],
 ) -> dict[tuple[str, str], _Meta]:
     keys: dict[str, set[str]] = defaultdict(set)
@@ -402,50 +405,31 @@ def _load_metas(
             metas[table, key] = _Meta(
                 RowVersion(stamp, Origin(node, inc), generation), bool(deleted), previous
             )
-    del store
     return metas
 
 
-def _save_metas(conn: sqlite3.Connection, metas: Iterable[tuple[str, str, _Meta]]) -> None:
-    rows = []
-    for table, key, meta in metas:
-        v, p = meta.version, meta.previous
-        rows.append(
-            (
-                table,
-                key,
-                v.hlc,
-                v.origin.node_id,
-                v.origin.incarnation,
-                v.generation,
-                int(meta.deleted),
-                None if p is None else p.hlc,
-                None if p is None else p.origin.node_id,
-                None if p is None else p.origin.incarnation,
-                None if p is None else p.generation,
-            )
-        )
-    conn.executemany(
-        "INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted, prev_hlc,"
-        " prev_node, prev_inc, prev_gen, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
-        " ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node,"
-        " inc = excluded.inc, generation = excluded.generation, deleted = excluded.deleted,"
-        " prev_hlc = excluded.prev_hlc, prev_node = excluded.prev_node,"
-        " prev_inc = excluded.prev_inc, prev_gen = excluded.prev_gen, hash = NULL",
-        rows,
-    )
-
-
 _INSERT_LOG = (
-    "INSERT INTO _repl_log (origin_node, origin_inc, origin_seq, op, tbl, pk, new_row, old_row,"
-    " hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen, first_seq, resolves)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO _repl_log (seq, origin_node, origin_inc, origin_seq, op, tbl, pk, new_row,"
+    " old_row, hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen, first_seq, resolves)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# A winner's row version is copied from its log entry in one statement.
+_SAVE_METAS = (
+    "INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted, prev_hlc,"
+    " prev_node, prev_inc, prev_gen, hash)"
+    " SELECT tbl, pk, hlc, origin_node, origin_inc, generation, op = 3, prev_hlc, prev_node,"
+    " prev_inc, prev_gen, NULL FROM _repl_log WHERE seq IN (SELECT value FROM json_each(?))"
+    " ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node,"
+    " inc = excluded.inc, generation = excluded.generation, deleted = excluded.deleted,"
+    " prev_hlc = excluded.prev_hlc, prev_node = excluded.prev_node,"
+    " prev_inc = excluded.prev_inc, prev_gen = excluded.prev_gen, hash = NULL"
 )
 
 
-def _log_row(change: Change, key: str) -> tuple[Any, ...]:
+def _log_row(position: int, change: Change, key: str) -> tuple[Any, ...]:
     v, p = change.version, change.replaced
     return (
+        position,
         change.origin.node_id,
         change.origin.incarnation,
         change.seq,
@@ -465,10 +449,10 @@ def _log_row(change: Change, key: str) -> tuple[Any, ...]:
     )
 
 
-def _skip_row(skip: Skip) -> tuple[Any, ...]:
+def _skip_row(position: int, skip: Skip) -> tuple[Any, ...]:
     origin = skip.origin
-    return (origin.node_id, origin.incarnation, skip.last_seq, OP_SKIP, None, None, None, None,
-            0, None, None, None, None, None, skip.first_seq, None)  # fmt: skip
+    return (position, origin.node_id, origin.incarnation, skip.last_seq, OP_SKIP, None, None,
+            None, None, 0, None, None, None, None, None, skip.first_seq, None)  # fmt: skip
 
 
 def _current_row(conn: sqlite3.Connection, target: _Winner) -> dict[str, SqlValue] | None:

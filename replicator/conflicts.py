@@ -115,11 +115,12 @@ def record(
     key: str,
     strategy: str,
     reason: str,
-    local: tuple[RowVersion, str | None],
-    remote: tuple[RowVersion, str | None],
+    local: tuple[RowVersion, bytes | None],
+    remote: tuple[RowVersion, bytes | None],
     winner: str,
 ) -> str:
-    """Queue a conflict (rows as stored JSON); returns its id. Filing it twice is a no-op."""
+    """Queue a conflict (rows as `rows.encode_row` stores them); returns its id. Filing it
+    twice is a no-op."""
     ident = conflict_id(table, key, local[0], remote[0])
     conn.execute(
         "INSERT OR IGNORE INTO _repl_conflicts (id, tbl, pk, strategy, reason, local_version,"

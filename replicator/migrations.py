@@ -25,15 +25,18 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             incarnation INTEGER NOT NULL,
             hlc         INTEGER NOT NULL,
             local_seq   INTEGER NOT NULL,
+            log_seq     INTEGER NOT NULL DEFAULT 0,
             read_only   INTEGER NOT NULL DEFAULT 0,
             promoted    INTEGER NOT NULL DEFAULT 0
         );
         -- Every change this node holds, local or forwarded, in commit order. ``seq`` is a log
-        -- position (AUTOINCREMENT: never reused, even after truncation); the origin sequence is
-        -- per (origin_node, origin_inc) and contiguous. op: 0 skip marker (first_seq..origin_seq
-        -- withheld by a filter), 1 insert, 2 update, 3 delete.
+        -- position drawn from _repl_clock.log_seq, a counter that only grows, so a position is
+        -- never reused, even after truncation (what AUTOINCREMENT would give, without its
+        -- extra sqlite_sequence write per row). The origin sequence is per (origin_node,
+        -- origin_inc) and contiguous. op: 0 skip marker (first_seq..origin_seq withheld by a
+        -- filter), 1 insert, 2 update, 3 delete.
         CREATE TABLE _repl_log (
-            seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+            seq         INTEGER PRIMARY KEY,
             origin_node TEXT    NOT NULL,
             origin_inc  INTEGER NOT NULL,
             origin_seq  INTEGER NOT NULL,
@@ -51,7 +54,6 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             first_seq   INTEGER,
             resolves    TEXT
         );
-        CREATE UNIQUE INDEX _repl_log_origin ON _repl_log (origin_node, origin_inc, origin_seq);
         -- The current version of every replicated row, deleted ones included (tombstones).
         CREATE TABLE _repl_rowmeta (
             tbl        TEXT    NOT NULL,

@@ -4,7 +4,9 @@ Rows: the capture triggers build a JSON object per row with SQLite's json_object
 integers (all 64 bits), text and null exactly, but cannot hold a blob and prints reals with 15
 digits, so those two are tagged: a blob as ``["b", "<HEX>"]``, a real as ``["r", quote(x)]``
 (SQLite's quote() prints a real so that it reads back exactly). A SQLite value is never a JSON
-array, so the tags cannot be confused with data.
+array, so the tags cannot be confused with data. Rows the node writes itself (entries applied
+from peers, conflict records) are stored as msgpack blobs instead, which keep every type as is
+and cost a fraction of JSON to produce; a row is JSON if it is TEXT, msgpack if it is a BLOB.
 
 Keys: a row's primary key is identified by the SQL literals of its values, as SQLite's quote()
 prints them, joined by commas: exact for every type, computable inside a trigger, and mirrored
@@ -16,6 +18,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import msgpack
 
 from protocol.checks import SqlValue
 
@@ -69,33 +73,30 @@ def _decode_value(value: Any) -> SqlValue:
     return value  # type: ignore[no-any-return]
 
 
-def decode_row(text: str | None) -> dict[str, SqlValue] | None:
-    if text is None:
+def decode_row(stored: str | bytes | None) -> dict[str, SqlValue] | None:
+    if stored is None:
         return None
-    return {column: _decode_value(value) for column, value in json.loads(text).items()}
+    if isinstance(stored, bytes):
+        row: dict[str, SqlValue] = msgpack.unpackb(stored, raw=False)
+        return row
+    return {column: _decode_value(value) for column, value in json.loads(stored).items()}
 
 
-def _encode_value(value: SqlValue) -> Any:
-    kind = type(value)
-    if kind is bytes:
-        return ["b", value.hex().upper()]  # type: ignore[union-attr]
-    if kind is float:
-        return ["r", repr(value)]
-    return value
-
-
-def encode_row(row: Mapping[str, SqlValue] | None) -> str | None:
+def encode_row(row: Mapping[str, SqlValue] | None) -> bytes | None:
     if row is None:
         return None
-    return json.dumps(
-        {column: _encode_value(value) for column, value in row.items()},
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
+    packed: bytes = msgpack.packb(row, use_bin_type=True)
+    return packed
 
 
 def pk_key(values: Sequence[SqlValue], quote_real: Callable[[float], str]) -> str:
     """The key string SQLite's ``quote(a) || ',' || quote(b)`` gives for these values."""
+    if len(values) == 1:
+        (value,) = values
+        if type(value) is str and "'" not in value and "\x00" not in value:
+            return f"'{value}'"
+        if type(value) is int:
+            return str(value)
     return ",".join(_quote(value, quote_real) for value in values)
 
 

@@ -3,10 +3,10 @@
 Capture runs inside the application's own transactions, on connections we do not control, so
 it is written in plain SQL: no custom functions, no temp tables. For each write the trigger
 
-1. refuses it if this node is a replica (the database says so in the clock row),
-2. ticks the hybrid logical clock and the origin sequence in the clock row,
-3. appends the change to `_repl_log`, with the version it replaces read from `_repl_rowmeta`,
-4. records the row's new version in `_repl_rowmeta`.
+1. ticks the hybrid logical clock, the origin sequence and the log position in the clock row,
+   or refuses the write if this node is a replica (the clock row says so),
+2. records the row's new version in `_repl_rowmeta`, keeping the one it replaces,
+3. appends the change to `_repl_log` with both versions.
 
 Triggers do nothing while `_repl_applying` holds a row: that is the applier writing what a peer
 sent, which must not be captured again. An UPDATE that changes the primary key is captured as
@@ -35,6 +35,10 @@ class TableInfo:
     primary_key: tuple[str, ...]
     without_rowid: bool
     auto_integer_key: bool
+
+    @property
+    def column_set(self) -> frozenset[str]:
+        return frozenset(self.columns)
 
     @property
     def trigger_names(self) -> tuple[str, str, str, str]:
@@ -84,37 +88,41 @@ def inspect_table(conn: sqlite3.Connection, name: str) -> TableInfo:
 
 
 def _capture(table: TableInfo, op: int) -> str:
-    """Statements logging one change (a delete reads the key from OLD, others from NEW)."""
+    """Statements logging one change (a delete reads the key from OLD, others from NEW).
+
+    The row version is written first: the upsert itself moves the current version into the
+    ``prev_*`` columns (on the right of SET, columns mean their values before the update), so
+    the log entry can copy both from the row it just wrote instead of looking them up.
+    """
     name = quote_literal(table.name)
     prefix = "OLD" if op == OP_DELETE else "NEW"
     key = key_sql(prefix, table.primary_key)
     new_row = row_json_sql("NEW", table.columns) if op != OP_DELETE else "NULL"
     old_row = row_json_sql("OLD", table.columns) if op != OP_INSERT else "NULL"
-    return f"""
-    UPDATE _repl_clock SET hlc = {TICK_SQL}, local_seq = local_seq + 1 WHERE id = 1;
-    INSERT INTO _repl_log (origin_node, origin_inc, origin_seq, op, tbl, pk, new_row, old_row,
-                           hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen)
-    SELECT c.node_id, c.incarnation, c.local_seq, {op}, {name}, {key}, {new_row}, {old_row},
-           c.hlc, COALESCE(m.generation, 0) + 1, m.hlc, m.node, m.inc, m.generation
-    FROM _repl_clock AS c LEFT JOIN _repl_rowmeta AS m ON m.tbl = {name} AND m.pk = {key}
-    WHERE c.id = 1;
-    INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted,
-                               prev_hlc, prev_node, prev_inc, prev_gen, hash)
-    SELECT tbl, pk, hlc, origin_node, origin_inc, generation, op = {OP_DELETE},
-           prev_hlc, prev_node, prev_inc, prev_gen, NULL
-    FROM _repl_log WHERE seq = last_insert_rowid()
-    ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node,
-        inc = excluded.inc, generation = excluded.generation, deleted = excluded.deleted,
-        prev_hlc = excluded.prev_hlc, prev_node = excluded.prev_node,
-        prev_inc = excluded.prev_inc, prev_gen = excluded.prev_gen, hash = NULL;"""
-
-
-def _refuse_on_replica(table: TableInfo) -> str:
-    message = quote_literal(
+    refusal = quote_literal(
         f"replicator: table {table.name} is read-only on this replica node; "
         "write on the primary (or promote this node)"
     )
-    return f"\n    SELECT RAISE(ABORT, {message}) FROM _repl_clock WHERE id = 1 AND read_only;"
+    return f"""
+    UPDATE _repl_clock
+    SET hlc = CASE WHEN read_only THEN RAISE(ABORT, {refusal}) ELSE {TICK_SQL} END,
+        local_seq = local_seq + 1, log_seq = log_seq + 1
+    WHERE id = 1;
+    INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted,
+                               prev_hlc, prev_node, prev_inc, prev_gen, hash)
+    SELECT {name}, {key}, hlc, node_id, incarnation, 1, {int(op == OP_DELETE)},
+           NULL, NULL, NULL, NULL, NULL
+    FROM _repl_clock WHERE id = 1
+    ON CONFLICT (tbl, pk) DO UPDATE SET
+        prev_hlc = hlc, prev_node = node, prev_inc = inc, prev_gen = generation,
+        hlc = excluded.hlc, node = excluded.node, inc = excluded.inc,
+        generation = generation + 1, deleted = excluded.deleted, hash = NULL;
+    INSERT INTO _repl_log (seq, origin_node, origin_inc, origin_seq, op, tbl, pk, new_row,
+                           old_row, hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen)
+    SELECT c.log_seq, c.node_id, c.incarnation, c.local_seq, {op}, {name}, {key}, {new_row},
+           {old_row}, c.hlc, m.generation, m.prev_hlc, m.prev_node, m.prev_inc, m.prev_gen
+    FROM _repl_clock AS c JOIN _repl_rowmeta AS m ON m.tbl = {name} AND m.pk = {key}
+    WHERE c.id = 1;"""
 
 
 def trigger_statements(table: TableInfo) -> dict[str, str]:
@@ -122,21 +130,16 @@ def trigger_statements(table: TableInfo) -> dict[str, str]:
     target = quote_identifier(table.name)
     not_applying = "NOT EXISTS (SELECT 1 FROM _repl_applying)"
     same_key = f"{key_sql('OLD', table.primary_key)} IS {key_sql('NEW', table.primary_key)}"
-    guard = _refuse_on_replica(table)
     insert_name, update_name, rekey_name, delete_name = table.trigger_names
     bodies = {
-        insert_name: ("INSERT", not_applying, guard + _capture(table, OP_INSERT)),
-        update_name: (
-            "UPDATE",
-            f"{not_applying} AND {same_key}",
-            guard + _capture(table, OP_UPDATE),
-        ),
+        insert_name: ("INSERT", not_applying, _capture(table, OP_INSERT)),
+        update_name: ("UPDATE", f"{not_applying} AND {same_key}", _capture(table, OP_UPDATE)),
         rekey_name: (
             "UPDATE",
             f"{not_applying} AND NOT ({same_key})",
-            guard + _capture(table, OP_DELETE) + _capture(table, OP_INSERT),
+            _capture(table, OP_DELETE) + _capture(table, OP_INSERT),
         ),
-        delete_name: ("DELETE", not_applying, guard + _capture(table, OP_DELETE)),
+        delete_name: ("DELETE", not_applying, _capture(table, OP_DELETE)),
     }
     return {
         name: (
