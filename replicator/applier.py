@@ -172,51 +172,55 @@ class Applier:
         progress: dict[Origin, int],
         result: ApplyResult,
     ) -> tuple[list[tuple[Change, TableInfo | None, str]], list[Skip]]:
-        """Filter the batch into what applies now, in per-origin sequence order."""
-        items: dict[Origin, list[Change | Skip]] = defaultdict(list)
-        entries_in: list[Change | Skip] = [*changes, *skips]
-        for entry in entries_in:
-            items[entry.origin].append(entry)
+        """Filter the batch into what applies now, keeping the sender's order.
+
+        The sender's order is its log order, which is causal: a write it made on top of an
+        entry it had applied comes after that entry. Deciding in that order means a write is
+        never mistaken for a conflict with the version it replaced. Skip markers fill their
+        origin's sequence range when the stream reaches them.
+        """
+        waiting: dict[Origin, list[Skip]] = defaultdict(list)
+        for skip in sorted(skips, key=_skip_start):
+            waiting[skip.origin].append(skip)
         now_ms = self._wall_clock_ms()
         tables = self.store.tables
         accepted: list[tuple[Change, TableInfo | None, str]] = []
         log_skips: list[Skip] = []
-        for origin, entries in items.items():
+        stopped: set[Origin] = set()
+        for change in changes:
+            origin = change.origin
             if origin == own:  # our own writes, echoed back by a peer
-                result.own += len(entries)
+                result.own += 1
                 continue
-            entries.sort(key=_first_seq)
-            have = progress.get(origin, 0)
-            for entry in entries:
-                if isinstance(entry, Skip):
-                    if entry.last_seq <= have:
-                        continue
-                    if entry.first_seq > have + 1:
-                        result.gaps[origin] = have + 1
-                        break
-                    have = entry.last_seq
-                    log_skips.append(entry)
-                    continue
-                if entry.seq <= have:
-                    result.duplicates += 1
-                    continue
-                if entry.seq > have + 1:
-                    result.gaps[origin] = have + 1
-                    break
-                ahead = hlc.physical_ms(entry.version.hlc) - now_ms
-                if ahead > self.max_clock_offset_ms:
-                    result.clock_refused[origin] = entry.seq
-                    _log.error(
-                        "refusing a change stamped too far in the future: check the clocks",
-                        ahead_ms=ahead,
-                        max_clock_offset_ms=self.max_clock_offset_ms,
-                        **{KEY_ORIGIN: str(origin), KEY_SEQ: entry.seq},
-                    )
-                    break
-                have = entry.seq
-                info = tables.get(entry.table)
-                accepted.append((entry, info, self.store.key(entry.pk)))
-            progress[origin] = have
+            if origin in stopped:
+                continue
+            have = _take_skips(waiting, origin, progress, log_skips)
+            if change.seq <= have:
+                result.duplicates += 1
+                continue
+            if change.seq > have + 1:
+                result.gaps[origin] = have + 1
+                stopped.add(origin)
+                continue
+            ahead = hlc.physical_ms(change.version.hlc) - now_ms
+            if ahead > self.max_clock_offset_ms:
+                result.clock_refused[origin] = change.seq
+                stopped.add(origin)
+                _log.error(
+                    "refusing a change stamped too far in the future: check the clocks",
+                    ahead_ms=ahead,
+                    max_clock_offset_ms=self.max_clock_offset_ms,
+                    **{KEY_ORIGIN: str(origin), KEY_SEQ: change.seq},
+                )
+                continue
+            progress[origin] = change.seq
+            accepted.append((change, tables.get(change.table), self.store.key(change.pk)))
+        for origin, queue in waiting.items():
+            if origin == own or origin in stopped:
+                continue
+            have = _take_skips(waiting, origin, progress, log_skips)
+            if queue:  # a skip that starts beyond what we hold
+                result.gaps[origin] = have + 1
         result.accepted = len(accepted)
         return accepted, log_skips
 
@@ -269,6 +273,8 @@ class Applier:
         ):
             result.near_ties += 1
             conflicts.count(conn, change.table, resolver.name, "near_tie")
+        if (local_row is None and change.row is None) or local_row == change.row:
+            return  # both sides wrote the same outcome: counted, nothing to review
         reason = resolver.review_reason(current.version, change.version)
         if reason is None:
             return
@@ -353,8 +359,26 @@ class Applier:
         )
 
 
-def _first_seq(entry: Change | Skip) -> int:
-    return entry.first_seq if isinstance(entry, Skip) else entry.seq
+def _skip_start(skip: Skip) -> int:
+    return skip.first_seq
+
+
+def _take_skips(
+    waiting: dict[Origin, list[Skip]],
+    origin: Origin,
+    progress: dict[Origin, int],
+    log_skips: list[Skip],
+) -> int:
+    """Apply the origin's skip markers that the stream has reached; returns what we hold."""
+    have = progress.get(origin, 0)
+    queue = waiting.get(origin)
+    while queue and queue[0].first_seq <= have + 1:
+        skip = queue.pop(0)
+        if skip.last_seq > have:
+            have = skip.last_seq
+            log_skips.append(skip)
+    progress[origin] = have
+    return have
 
 
 def _columns_known(change: Change, columns: frozenset[str]) -> bool:

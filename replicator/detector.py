@@ -40,7 +40,7 @@ class Detector:
         self.poll_interval = poll_interval
         self._store: Store | None = None
         self._data_version: int | None = None
-        self._schema_version: int | None = None
+        self._schema_version = -1
         self._pending = True  # read once at start: entries may be waiting already
         self._wake = trio.Event()
         self._limiter = trio.CapacityLimiter(1)
@@ -54,14 +54,17 @@ class Detector:
         store = self._store
         if store is None:
             store = self._store = Store.open(self.settings, prepare=False)
-            self._schema_version = store.schema_version()
+            # The application may have altered a table since the node prepared the file.
+            self._refresh_triggers(store, recapture_after=self.position)
         version = store.data_version()
         if version == self._data_version and not self._pending:
             return []
         self._data_version = version
-        self._check_schema(store)
+        read_from = self.position
         store.conn.execute("BEGIN")
         try:
+            # Read in the same snapshot as the log, so an ALTER cannot slip between the two.
+            schema_version = store.schema_version()
             records = store.read_log(self.position, self.batch_size)
         finally:
             store.conn.execute("COMMIT")
@@ -69,7 +72,18 @@ class Detector:
         self._pending = len(records) > 0
         if records:
             self.position = records[-1].position
+        if schema_version != self._schema_version:
+            # Entries after read_from may come from triggers older than the table: capture
+            # those rows again, whole, with triggers that match it.
+            self._refresh_triggers(store, recapture_after=read_from)
+            self._pending = True
         return records
+
+    def _refresh_triggers(self, store: Store, recapture_after: int) -> None:
+        changed, self._schema_version = store.refresh_triggers(recapture_after=recapture_after)
+        if changed:
+            _log.info("replicated tables changed shape; capture triggers regenerated",
+                      tables=changed)  # fmt: skip
 
     def _cut_by_bytes(self, records: list[LogRecord]) -> list[LogRecord]:
         total = 0
@@ -81,18 +95,6 @@ class Detector:
             if total > self.max_batch_bytes and index > 0:
                 return records[:index]
         return records
-
-    def _check_schema(self, store: Store) -> None:
-        current = store.schema_version()
-        if current == self._schema_version:
-            return
-        # Entries up to self.position were read while the old schema was in force and came
-        # from complete triggers; anything later may lack a column added since.
-        changed = store.refresh_triggers(recapture_after=self.position)
-        if changed:
-            _log.info("replicated tables changed shape; capture triggers regenerated",
-                      tables=changed)  # fmt: skip
-        self._schema_version = store.schema_version()
 
     def close(self) -> None:
         if self._store is not None:

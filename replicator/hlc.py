@@ -25,6 +25,7 @@ __all__ = [
     "physical_ms",
     "receive",
     "tick",
+    "tick_sql",
     "wall_clock_ms",
 ]
 
@@ -33,8 +34,14 @@ _COUNTER_MASK = (1 << COUNTER_BITS) - 1
 
 # SQLite 3.40 has no unixepoch('subsec'): julianday() has millisecond resolution.
 NOW_MS_SQL = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
-# The tick rule as an expression over the clock row's current ``hlc``.
-TICK_SQL = f"MAX(hlc + 1, {NOW_MS_SQL} << {COUNTER_BITS})"
+
+
+def tick_sql(stamp: str = "hlc") -> str:
+    """The tick rule as an SQL expression over the clock row's current stamp."""
+    return f"MAX({stamp} + 1, {NOW_MS_SQL} << {COUNTER_BITS})"
+
+
+TICK_SQL = tick_sql()
 
 
 def pack(physical: int, counter: int = 0) -> int:

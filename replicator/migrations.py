@@ -79,6 +79,15 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ) WITHOUT ROWID;
         -- Holds one row only inside the applier's transaction: triggers skip while it exists.
         CREATE TABLE _repl_applying (marker INTEGER PRIMARY KEY);
+        -- Rows an INSERT/UPDATE OR REPLACE may evict through a secondary UNIQUE index, staged
+        -- by a BEFORE trigger inside the application's statement (SQLite fires no DELETE
+        -- trigger for them); the AFTER trigger logs a delete for those that vanished.
+        CREATE TABLE _repl_evict (
+            k1, k2, k3, k4, k5, k6, k7, k8,
+            pk      TEXT NOT NULL,
+            old_row TEXT,
+            n       INTEGER
+        );
         CREATE TABLE _repl_conflicts (
             id             TEXT    PRIMARY KEY,
             tbl            TEXT    NOT NULL,

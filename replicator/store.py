@@ -103,7 +103,8 @@ class Store:
                 migrate(conn)
                 _apply_application_schema(conn, settings)
                 _init_clock(conn, settings.node_id)
-                tables = install_triggers(conn, settings.tables)
+                tables, _ = install_triggers(conn, settings.tables)
+                _warn_about_auto_keys(tables.values())
             else:
                 tables = {name: inspect_table(conn, name) for name in settings.tables}
             return cls(conn, settings, tables)
@@ -243,6 +244,15 @@ class Store:
                 "UPDATE _repl_clock SET incarnation = ?, local_seq = 0 WHERE id = 1",
                 (incarnation,),
             )
+            # The old incarnation becomes an origin like any other: what this file still
+            # holds of it counts as received, and peers can send back the rest of its past.
+            if clock.local_seq:
+                self.conn.execute(
+                    "INSERT INTO _repl_progress (origin_node, origin_inc, seq) VALUES (?, ?, ?)"
+                    " ON CONFLICT (origin_node, origin_inc) DO UPDATE"
+                    " SET seq = MAX(seq, excluded.seq)",
+                    (clock.origin.node_id, clock.origin.incarnation, clock.local_seq),
+                )
             self.commit()
         except BaseException:
             self.rollback()
@@ -250,27 +260,29 @@ class Store:
         self.origin = Origin(clock.origin.node_id, incarnation)
         return self.origin
 
-    def refresh_triggers(self, recapture_after: int | None = None) -> list[str]:
+    def refresh_triggers(self, recapture_after: int | None = None) -> tuple[list[str], int]:
         """Regenerate triggers after the application altered a replicated table.
 
         Writes that landed between the ALTER and now were captured by the old triggers,
         without the new columns. Each such row is captured again, whole, by a no-op UPDATE
         through the new triggers (in the same transaction, so no write slips between).
-        Returns the tables whose triggers changed.
+        Returns the tables whose triggers changed, and the schema version they match (read
+        inside the transaction, so an ALTER committed right after it is noticed next time).
         """
         self.begin_immediate()
         try:
-            before = dict(self.tables)
-            self.tables = install_triggers(self.conn, self.settings.tables, in_transaction=True)
-            changed = [name for name, info in self.tables.items() if before.get(name) != info]
+            self.tables, changed = install_triggers(
+                self.conn, self.settings.tables, in_transaction=True
+            )
             if recapture_after is not None:
                 for name in changed:
                     self._recapture(self.tables[name], recapture_after)
+            version = self.schema_version()
             self.commit()
         except BaseException:
             self.rollback()
             raise
-        return changed
+        return changed, version
 
     def _recapture(self, info: TableInfo, after: int) -> None:
         keys = [
@@ -327,10 +339,23 @@ def _init_clock(conn: sqlite3.Connection, node_id: str) -> None:
         raise
 
 
+def _warn_about_auto_keys(tables: Iterable[TableInfo]) -> None:
+    for info in tables:
+        if info.auto_integer_key:
+            _log.warning(
+                "table key is an auto-assigned integer: two nodes inserting at once will "
+                "collide on it; prefer keys unique across nodes (natural keys, UUIDs)",
+                **{KEY_TABLE: info.name},
+            )
+
+
 def install_triggers(
     conn: sqlite3.Connection, names: Iterable[str], *, in_transaction: bool = False
-) -> dict[str, TableInfo]:
-    """Make the capture triggers match the configured tables as they are now."""
+) -> tuple[dict[str, TableInfo], list[str]]:
+    """Make the capture triggers match the configured tables as they are now.
+
+    Returns the tables and the names of those whose triggers had to be (re)created.
+    """
     if not in_transaction:
         conn.execute("BEGIN IMMEDIATE")
     try:
@@ -342,25 +367,24 @@ def install_triggers(
             )
             if name.startswith(TRIGGER_PREFIX)
         }
-        wanted: dict[str, str] = {}
-        for info in tables.values():
-            wanted.update(trigger_statements(info))
-            if info.auto_integer_key:
-                _log.warning(
-                    "table key is an auto-assigned integer: two nodes inserting at once will "
-                    "collide on it; prefer keys unique across nodes (natural keys, UUIDs)",
-                    **{KEY_TABLE: info.name},
-                )
-        for name, sql in existing.items():
-            if wanted.get(name) != sql:
-                conn.execute(f"DROP TRIGGER {quote_identifier(name)}")
-        for name, sql in wanted.items():
-            if existing.get(name) != sql:
+        wanted = {name: trigger_statements(info) for name, info in tables.items()}
+        every = {
+            trigger: sql for statements in wanted.values() for trigger, sql in statements.items()
+        }
+        for trigger, sql in existing.items():
+            if every.get(trigger) != sql:
+                conn.execute(f"DROP TRIGGER {quote_identifier(trigger)}")
+        changed = []
+        for table, statements in wanted.items():
+            stale = [sql for trigger, sql in statements.items() if existing.get(trigger) != sql]
+            for sql in stale:
                 conn.execute(sql)
+            if stale:
+                changed.append(table)
         if not in_transaction:
             conn.execute("COMMIT")
     except BaseException:
         if not in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return tables
+    return tables, changed

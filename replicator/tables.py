@@ -19,12 +19,13 @@ import sqlite3
 from dataclasses import dataclass
 
 from replicator.errors import SchemaError
-from replicator.hlc import TICK_SQL
+from replicator.hlc import TICK_SQL, tick_sql
 from replicator.rows import key_sql, quote_identifier, quote_literal, row_json_sql
 
 __all__ = ["TRIGGER_PREFIX", "TableInfo", "inspect_table", "trigger_statements"]
 
 TRIGGER_PREFIX = "_repl_capture_"
+MAX_EVICTION_KEY_COLUMNS = 8  # _repl_evict holds up to eight key columns
 OP_SKIP, OP_INSERT, OP_UPDATE, OP_DELETE = 0, 1, 2, 3
 
 
@@ -35,6 +36,8 @@ class TableInfo:
     primary_key: tuple[str, ...]
     without_rowid: bool
     auto_integer_key: bool
+    unique_keys: tuple[tuple[str, ...], ...] = ()
+    """Column sets of UNIQUE indexes besides the primary key (rows REPLACE may evict)."""
 
     @property
     def column_set(self) -> frozenset[str]:
@@ -44,6 +47,10 @@ class TableInfo:
     def trigger_names(self) -> tuple[str, str, str, str]:
         base = TRIGGER_PREFIX + self.name
         return (f"{base}_insert", f"{base}_update", f"{base}_rekey", f"{base}_delete")
+
+    @property
+    def tracks_evictions(self) -> bool:
+        return bool(self.unique_keys) and len(self.primary_key) <= MAX_EVICTION_KEY_COLUMNS
 
 
 def inspect_table(conn: sqlite3.Connection, name: str) -> TableInfo:
@@ -84,7 +91,23 @@ def inspect_table(conn: sqlite3.Connection, name: str) -> TableInfo:
         primary_key=tuple(column for _, column, _ in keyed),
         without_rowid=without_rowid,
         auto_integer_key=auto_integer_key,
+        unique_keys=_unique_keys(conn, name),
     )
+
+
+def _unique_keys(conn: sqlite3.Connection, name: str) -> tuple[tuple[str, ...], ...]:
+    keys = []
+    for _seq, index, unique, origin, _partial in conn.execute(
+        'SELECT seq, name, "unique", origin, partial FROM pragma_index_list(?)', (name,)
+    ):
+        if not unique or origin == "pk":
+            continue
+        columns = conn.execute(
+            "SELECT cid, name FROM pragma_index_info(?) ORDER BY seqno", (index,)
+        ).fetchall()
+        if all(cid >= 0 for cid, _ in columns):  # expression indexes cannot be matched here
+            keys.append(tuple(column for _, column in columns))
+    return tuple(sorted(keys))
 
 
 def _capture(table: TableInfo, op: int) -> str:
@@ -125,25 +148,99 @@ def _capture(table: TableInfo, op: int) -> str:
     WHERE c.id = 1;"""
 
 
+def _stage_evictions(table: TableInfo, exclude: tuple[str, ...]) -> str:
+    """BEFORE trigger body: stage the rows sharing a UNIQUE value with NEW."""
+    target = quote_identifier(table.name)
+    matches = " OR ".join(
+        "("
+        + " AND ".join(f"t.{quote_identifier(c)} = NEW.{quote_identifier(c)}" for c in key)
+        + ")"
+        for key in table.unique_keys
+    )
+    excluded = " AND ".join(
+        f"{key_sql('t', table.primary_key)} IS NOT {key_sql(prefix, table.primary_key)}"
+        for prefix in exclude
+    )
+    slots = ", ".join(f"k{n}" for n in range(1, len(table.primary_key) + 1))
+    values = ", ".join(f"t.{quote_identifier(c)}" for c in table.primary_key)
+    return f"""
+    DELETE FROM _repl_evict;
+    INSERT INTO _repl_evict ({slots}, pk, old_row)
+    SELECT {values}, {key_sql("t", table.primary_key)}, {row_json_sql("t", table.columns)}
+    FROM {target} AS t WHERE ({matches}) AND {excluded};"""
+
+
+def _capture_evictions(table: TableInfo) -> str:
+    """AFTER trigger prologue: log a delete for each staged row the statement removed."""
+    name = quote_literal(table.name)
+    target = quote_identifier(table.name)
+    present = " AND ".join(
+        f"{quote_identifier(c)} IS _repl_evict.k{n}" for n, c in enumerate(table.primary_key, 1)
+    )
+    count = "(SELECT count(*) FROM _repl_evict)"
+    return f"""
+    DELETE FROM _repl_evict WHERE EXISTS (SELECT 1 FROM {target} WHERE {present});
+    UPDATE _repl_evict
+    SET n = (SELECT count(*) FROM _repl_evict AS e WHERE e.rowid <= _repl_evict.rowid);
+    INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted,
+                               prev_hlc, prev_node, prev_inc, prev_gen, hash)
+    SELECT {name}, e.pk, {tick_sql("c.hlc")} + e.n - 1, c.node_id, c.incarnation,
+           1, 1, NULL, NULL, NULL, NULL, NULL
+    FROM _repl_clock AS c, _repl_evict AS e WHERE c.id = 1
+    ON CONFLICT (tbl, pk) DO UPDATE SET
+        prev_hlc = hlc, prev_node = node, prev_inc = inc, prev_gen = generation,
+        hlc = excluded.hlc, node = excluded.node, inc = excluded.inc,
+        generation = generation + 1, deleted = 1, hash = NULL;
+    INSERT INTO _repl_log (seq, origin_node, origin_inc, origin_seq, op, tbl, pk, new_row,
+                           old_row, hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen)
+    SELECT c.log_seq + e.n, c.node_id, c.incarnation, c.local_seq + e.n, {OP_DELETE}, {name},
+           e.pk, NULL, e.old_row, m.hlc, m.generation, m.prev_hlc, m.prev_node, m.prev_inc,
+           m.prev_gen
+    FROM _repl_clock AS c JOIN _repl_evict AS e JOIN _repl_rowmeta AS m
+         ON m.tbl = {name} AND m.pk = e.pk
+    WHERE c.id = 1;
+    UPDATE _repl_clock SET hlc = {TICK_SQL} + {count} - 1, local_seq = local_seq + {count},
+        log_seq = log_seq + {count}
+    WHERE id = 1 AND {count} > 0;
+    DELETE FROM _repl_evict;"""
+
+
 def trigger_statements(table: TableInfo) -> dict[str, str]:
     """Trigger name -> CREATE TRIGGER statement, for the table as it is now."""
     target = quote_identifier(table.name)
     not_applying = "NOT EXISTS (SELECT 1 FROM _repl_applying)"
     same_key = f"{key_sql('OLD', table.primary_key)} IS {key_sql('NEW', table.primary_key)}"
     insert_name, update_name, rekey_name, delete_name = table.trigger_names
+    evictions = _capture_evictions(table) if table.tracks_evictions else ""
     bodies = {
-        insert_name: ("INSERT", not_applying, _capture(table, OP_INSERT)),
-        update_name: ("UPDATE", f"{not_applying} AND {same_key}", _capture(table, OP_UPDATE)),
-        rekey_name: (
-            "UPDATE",
-            f"{not_applying} AND NOT ({same_key})",
-            _capture(table, OP_DELETE) + _capture(table, OP_INSERT),
+        insert_name: ("AFTER INSERT", not_applying, evictions + _capture(table, OP_INSERT)),
+        update_name: (
+            "AFTER UPDATE",
+            f"{not_applying} AND {same_key}",
+            evictions + _capture(table, OP_UPDATE),
         ),
-        delete_name: ("DELETE", not_applying, _capture(table, OP_DELETE)),
+        rekey_name: (
+            "AFTER UPDATE",
+            f"{not_applying} AND NOT ({same_key})",
+            evictions + _capture(table, OP_DELETE) + _capture(table, OP_INSERT),
+        ),
+        delete_name: ("AFTER DELETE", not_applying, _capture(table, OP_DELETE)),
     }
+    if table.tracks_evictions:
+        base = TRIGGER_PREFIX + table.name
+        bodies[f"{base}_stage_insert"] = (
+            "BEFORE INSERT",
+            not_applying,
+            _stage_evictions(table, ("NEW",)),
+        )
+        bodies[f"{base}_stage_update"] = (
+            "BEFORE UPDATE",
+            not_applying,
+            _stage_evictions(table, ("OLD", "NEW")),
+        )
     return {
         name: (
-            f"CREATE TRIGGER {quote_identifier(name)} AFTER {event} ON {target}\n"
+            f"CREATE TRIGGER {quote_identifier(name)} {event} ON {target}\n"
             f"WHEN {condition}\nBEGIN{body}\nEND"
         )
         for name, (event, condition, body) in bodies.items()

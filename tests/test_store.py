@@ -245,3 +245,54 @@ def test_row_encoding_round_trips_every_value(row: dict[str, object]) -> None:
     assert decoded == row
     assert decoded is not None
     assert [type(v) for v in decoded.values()] == [type(v) for v in row.values()]
+
+
+EVICTING_SCHEMA = """
+CREATE TABLE hosts (name TEXT PRIMARY KEY, ip TEXT UNIQUE, mac TEXT, vlan INTEGER,
+                    UNIQUE (mac, vlan));
+"""
+
+
+def test_rows_evicted_by_or_replace_through_unique_columns_are_captured(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store.open(StoreSettings(str(path), "n1", ("hosts",), schema_sql=EVICTING_SCHEMA))
+    conn = app(path)
+    conn.execute("INSERT INTO hosts VALUES ('a', '10.0.0.1', 'm1', 1)")
+    conn.execute("INSERT INTO hosts VALUES ('b', '10.0.0.2', 'm2', 1)")
+    conn.execute("INSERT INTO hosts VALUES ('c', '10.0.0.3', 'm3', 1)")
+    # Takes a's ip and b's (mac, vlan): both are evicted without a DELETE trigger firing.
+    conn.execute("INSERT OR REPLACE INTO hosts VALUES ('d', '10.0.0.1', 'm2', 1)")
+    conn.execute("UPDATE OR REPLACE hosts SET ip = '10.0.0.1' WHERE name = 'c'")
+    captured = changes(store)[3:]
+    assert [(c.op, c.pk) for c in captured] == [
+        (Op.DELETE, ("a",)),
+        (Op.DELETE, ("b",)),
+        (Op.INSERT, ("d",)),
+        (Op.DELETE, ("d",)),
+        (Op.UPDATE, ("c",)),
+    ]
+    assert [c.seq for c in captured] == [4, 5, 6, 7, 8]
+    stamps = [c.version.hlc for c in changes(store)]
+    assert stamps == sorted(stamps)
+    assert len(set(stamps)) == len(stamps)
+    assert {r for (r,) in conn.execute("SELECT name FROM hosts")} == {"c"}
+    for gone in ("a", "b", "d"):
+        version = store.row_version("hosts", (gone,))
+        assert version is not None
+        assert version[1]  # tombstone
+
+
+def test_plain_inserts_into_a_table_with_unique_columns_log_nothing_extra(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store.open(StoreSettings(str(path), "n1", ("hosts",), schema_sql=EVICTING_SCHEMA))
+    conn = app(path)
+    conn.execute("INSERT INTO hosts VALUES ('a', '10.0.0.1', 'm1', 1)")
+    conn.execute("INSERT OR IGNORE INTO hosts VALUES ('b', '10.0.0.1', 'm9', 1)")
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("INSERT INTO hosts VALUES ('c', '10.0.0.1', 'm8', 1)")
+    conn.execute(
+        "INSERT INTO hosts VALUES ('a', '10.0.0.5', 'm1', 1)"
+        " ON CONFLICT (name) DO UPDATE SET ip = excluded.ip"
+    )
+    assert [(c.op, c.pk) for c in changes(store)] == [(Op.INSERT, ("a",)), (Op.UPDATE, ("a",))]
+    assert conn.execute("SELECT count(*) FROM _repl_evict").fetchone() == (0,)
