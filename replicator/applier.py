@@ -32,7 +32,7 @@ from replicator.log import KEY_ORIGIN, KEY_SEQ, KEY_TABLE, get_logger
 from replicator.resolvers import Resolver, TimestampResolver
 from replicator.rows import encode_row, quote_identifier
 from replicator.store import Store
-from replicator.tables import OP_SKIP, TableInfo
+from replicator.tables import OP_SKIP, TableInfo, inspect_table
 
 __all__ = ["Applier", "ApplyResult"]
 
@@ -87,6 +87,7 @@ class Applier:
         self.default_resolver: Resolver = default_resolver or TimestampResolver()
         self.max_clock_offset_ms = max_clock_offset_ms
         self._wall_clock_ms = wall_clock_ms
+        self._schema_version = store.schema_version()
 
     def resolver_for(self, table: str) -> Resolver:
         return self.resolvers.get(table, self.default_resolver)
@@ -97,6 +98,7 @@ class Applier:
         result = ApplyResult()
         store.begin_immediate()
         try:
+            self._follow_schema_changes()
             conn.execute("INSERT INTO _repl_applying (marker) VALUES (1)")
             self._apply_locked(conn, changes, skips, result)
             conn.execute("DELETE FROM _repl_applying")
@@ -108,6 +110,15 @@ class Applier:
             _log.info("gap in a peer's stream: asking for a resend", **{KEY_ORIGIN: str(origin)},
                       **{KEY_SEQ: wanted})  # fmt: skip
         return result
+
+    def _follow_schema_changes(self) -> None:
+        """The application may have added a column since we looked: look again if so."""
+        version = self.store.schema_version()
+        if version != self._schema_version:
+            self.store.tables = {
+                name: inspect_table(self.store.conn, name) for name in self.store.settings.tables
+            }
+            self._schema_version = version
 
     # -----------------------------------------------------------------------------------------
 

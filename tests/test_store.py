@@ -296,3 +296,18 @@ def test_plain_inserts_into_a_table_with_unique_columns_log_nothing_extra(tmp_pa
     )
     assert [(c.op, c.pk) for c in changes(store)] == [(Op.INSERT, ("a",)), (Op.UPDATE, ("a",))]
     assert conn.execute("SELECT count(*) FROM _repl_evict").fetchone() == (0,)
+
+
+def test_applier_follows_a_column_added_by_the_application(tmp_path: Path) -> None:
+    from replicator.applier import Applier
+
+    source = open_store(tmp_path / "a.db", ("leases",), node="a")
+    target = open_store(tmp_path / "b.db", ("leases",), node="b")
+    applier = Applier(target)
+    for path in (tmp_path / "a.db", tmp_path / "b.db"):
+        app(path).execute("ALTER TABLE leases ADD COLUMN vendor TEXT")
+    source.refresh_triggers()
+    app(tmp_path / "a.db").execute("INSERT INTO leases (mac, vendor) VALUES ('m', 'acme')")
+    result = applier.apply(changes(source))
+    assert result.quarantined == 0
+    assert app(tmp_path / "b.db").execute("SELECT vendor FROM leases").fetchall() == [("acme",)]
