@@ -30,7 +30,7 @@ from protocol.checks import SqlValue
 from replicator import conflicts, hlc
 from replicator.log import KEY_ORIGIN, KEY_SEQ, KEY_TABLE, get_logger
 from replicator.resolvers import Resolver, TimestampResolver
-from replicator.rows import encode_row, quote_identifier
+from replicator.rows import encode_row, key_sql, quote_identifier
 from replicator.store import Store
 from replicator.tables import OP_SKIP, TableInfo, inspect_table
 
@@ -494,7 +494,7 @@ def _current_row(conn: sqlite3.Connection, target: _Winner) -> dict[str, SqlValu
     """The row as stored now, under the key of ``target``."""
     info, key = target.info, target.key
     names = ", ".join(quote_identifier(c) for c in info.columns)
-    key_expr = " || ',' || ".join(f"quote({quote_identifier(c)})" for c in info.primary_key)
+    key_expr = key_sql(None, info.primary_key)
     row = conn.execute(
         f"SELECT {names} FROM {quote_identifier(info.name)} WHERE {key_expr} = ?",
         (key,),

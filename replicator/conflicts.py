@@ -20,7 +20,7 @@ from protocol import Origin, RowVersion
 from protocol.checks import SqlValue
 from replicator import hlc
 from replicator.errors import ReplicationError
-from replicator.rows import decode_row, quote_identifier
+from replicator.rows import decode_row, key_sql, quote_identifier
 
 __all__ = [
     "Conflict",
@@ -263,7 +263,7 @@ def _write(
     row: Mapping[str, SqlValue] | None,
 ) -> None:
     target = quote_identifier(conflict.table)
-    key_expr = " || ',' || ".join(f"quote({quote_identifier(c)})" for c in primary_key)
+    key_expr = key_sql(None, primary_key)
     if row is None:  # the chosen side is a delete
         present = conn.execute(
             f"SELECT 1 FROM {target} WHERE {key_expr} = ?",

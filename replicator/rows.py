@@ -59,10 +59,11 @@ def row_json_sql(prefix: str, columns: Sequence[str]) -> str:
     return f"json_object({pairs})"
 
 
-def key_sql(prefix: str, pk_columns: Sequence[str]) -> str:
-    """SQL computing a row's key from its primary-key columns."""
+def key_sql(prefix: str | None, pk_columns: Sequence[str]) -> str:
+    """SQL computing a row's key from its primary-key columns (of ``prefix``, if given)."""
+    qualifier = f"{prefix}." if prefix else ""
     return " || ',' || ".join(
-        f"quote({prefix}.{quote_identifier(column)})" for column in pk_columns
+        f"quote({qualifier}{quote_identifier(column)})" for column in pk_columns
     )
 
 

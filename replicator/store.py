@@ -19,7 +19,7 @@ from replicator import hlc
 from replicator.errors import SchemaError
 from replicator.log import KEY_TABLE, get_logger
 from replicator.migrations import migrate
-from replicator.rows import decode_row, pk_key, quote_identifier
+from replicator.rows import decode_row, key_sql, pk_key, quote_identifier
 from replicator.tables import (
     OP_SKIP,
     TRIGGER_PREFIX,
@@ -297,7 +297,7 @@ class Store:
             return
         target = quote_identifier(info.name)
         column = quote_identifier(info.columns[0])
-        key_expr = " || ',' || ".join(f"quote({quote_identifier(c)})" for c in info.primary_key)
+        key_expr = key_sql(None, info.primary_key)
         self.conn.executemany(
             f"UPDATE {target} SET {column} = {column} WHERE {key_expr} = ?",
             [(key,) for key in dict.fromkeys(keys)],
