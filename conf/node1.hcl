@@ -1,0 +1,40 @@
+# A two-node active-active pair on one machine: node1 on 127.0.0.1, its peer on 127.0.0.2.
+#   replicator run -c conf/node1.hcl
+# Replace the secret before using this anywhere real ('replicator keygen PATH' writes one,
+# then use secret_key_file = PATH).
+
+state {
+  path   = "/var/tmp/replicator/node1/state.db"
+  schema = "schema.sql"
+  database {
+    journal_mode = "WAL"
+    synchronous  = "NORMAL"
+  }
+  recovery {
+    auto_recover      = true
+    validate_on_start = true
+  }
+}
+
+replication {
+  mode        = "active-active"
+  node_id     = "node1"
+  cluster_id  = "example"
+  listen_addr = "127.0.0.1:9001"
+  peers = [
+    { id = "node2", address = "127.0.0.2:9001", role = "peer" }
+  ]
+  auth = {
+    method     = "psk"
+    secret_key = "example only - change me before use"
+  }
+  transport = { protocol = "tcp", compression = true, encryption = true }
+  sync      = { mode = "incremental", interval = "1s", batch_size = 1000, max_lag = "10s" }
+  data      = { dhcp_leases = true, dns_records = true, configuration = true }
+  conflict_resolution = {
+    strategy             = "timestamp"
+    clock_skew_tolerance = "100ms"
+    max_clock_offset     = "60s"
+  }
+  control_socket = "/var/tmp/replicator/node1/control.sock"
+}
