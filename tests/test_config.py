@@ -139,7 +139,7 @@ def test_secret_key_file_is_read_relative_to_the_config(tmp_path: Path) -> None:
 
 def test_running_without_a_secret_says_which_setting(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, 'replication {\n  node_id = "n1"\n}'))
-    with pytest.raises(ConfigError, match="replication.auth.secret_key"):
+    with pytest.raises(ConfigError, match=r"replication\.auth\.secret_key"):
         config.replication.auth.passphrases()
 
 
