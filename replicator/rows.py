@@ -4,13 +4,16 @@ Rows: the capture triggers build a JSON object per row with SQLite's json_object
 integers (all 64 bits), text and null exactly, but cannot hold a blob and prints reals with 15
 digits, so those two are tagged: a blob as ``["b", "<HEX>"]``, a real as ``["r", quote(x)]``
 (SQLite's quote() prints a real so that it reads back exactly). A SQLite value is never a JSON
-array, so the tags cannot be confused with data. Rows the node writes itself (entries applied
+array, so the tags cannot be confused with data. (quote() itself is not used for reals in rows:
+SQLite 3.40 stops at 15 digits when its own parser reads them back, which Python's exact parser
+does not always; printf('%!.20e') gives digits that read back exactly.) Rows the node writes itself (entries applied
 from peers, conflict records) are stored as msgpack blobs instead, which keep every type as is
 and cost a fraction of JSON to produce; a row is JSON if it is TEXT, msgpack if it is a BLOB.
 
 Keys: a row's primary key is identified by the SQL literals of its values, as SQLite's quote()
 prints them, joined by commas: exact for every type, computable inside a trigger, and mirrored
-here in Python (reals, which are rare in keys, are quoted by asking SQLite).
+here in Python (reals, which are rare in keys, are quoted by asking SQLite). quote() stops at a
+NUL inside text, so such text is written ``T<hex of its bytes>`` instead.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ def json_value_sql(expression: str) -> str:
     """SQL turning one value into its JSON form (tagged for blobs and reals)."""
     return (
         f"CASE typeof({expression}) WHEN 'blob' THEN json_array('b', hex({expression})) "
-        f"WHEN 'real' THEN json_array('r', quote({expression})) ELSE {expression} END"
+        f"WHEN 'real' THEN json_array('r', printf('%!.20e', {expression})) "
+        f"ELSE {expression} END"
     )
 
 
@@ -63,7 +67,14 @@ def key_sql(prefix: str | None, pk_columns: Sequence[str]) -> str:
     """SQL computing a row's key from its primary-key columns (of ``prefix``, if given)."""
     qualifier = f"{prefix}." if prefix else ""
     return " || ',' || ".join(
-        f"quote({qualifier}{quote_identifier(column)})" for column in pk_columns
+        _key_part_sql(f"{qualifier}{quote_identifier(column)}") for column in pk_columns
+    )
+
+
+def _key_part_sql(value: str) -> str:
+    return (
+        f"CASE WHEN typeof({value}) = 'text' AND instr(CAST({value} AS BLOB), x'00')"
+        f" THEN 'T' || hex({value}) ELSE quote({value}) END"
     )
 
 
@@ -109,8 +120,9 @@ def _quote(value: SqlValue, quote_real: Callable[[float], str]) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
-        # quote() stops at a NUL byte, as C strings do; mirror it so keys agree.
-        return quote_literal(value.split("\x00", 1)[0])
+        if "\x00" in value:  # quote() would stop at the NUL
+            return "T" + value.encode().hex().upper()
+        return quote_literal(value)
     if isinstance(value, bytes):
         return "X'" + value.hex().upper() + "'"
     return quote_real(value)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from protocol import Change, Op
 from replicator.errors import SchemaError
 from replicator.migrations import SCHEMA_VERSION
-from replicator.rows import decode_row, encode_row, pk_key
+from replicator.rows import decode_row, encode_row, key_sql, pk_key
 from replicator.store import Store, StoreSettings
 
 SCHEMA = """
@@ -217,10 +217,12 @@ def test_replica_refuses_local_writes_until_promoted(tmp_path: Path) -> None:
         max_size=3,
     )
 )
-def test_python_key_matches_sqlite_quote(values: list[object]) -> None:
+def test_python_key_matches_the_key_triggers_compute(values: list[object]) -> None:
     conn = sqlite3.connect(":memory:")
-    expression = " || ',' || ".join("quote(?)" for _ in values)
-    (expected,) = conn.execute(f"SELECT {expression}", values).fetchone()
+    columns = [f"c{n}" for n in range(len(values))]
+    conn.execute(f"CREATE TABLE k ({', '.join(columns)})")
+    conn.execute(f"INSERT INTO k VALUES ({', '.join('?' for _ in values)})", values)
+    (expected,) = conn.execute(f"SELECT {key_sql(None, columns)} FROM k").fetchone()
 
     def quote_real(value: float) -> str:
         return str(conn.execute("SELECT quote(?)", (value,)).fetchone()[0])
