@@ -2,13 +2,13 @@
 
 Rows: the capture triggers build a JSON object per row with SQLite's json_object. JSON keeps
 integers (all 64 bits), text and null exactly, but cannot hold a blob and prints reals with 15
-digits, so those two are tagged: a blob as ``["b", "<HEX>"]``, a real as ``["r", quote(x)]``
-(SQLite's quote() prints a real so that it reads back exactly). A SQLite value is never a JSON
-array, so the tags cannot be confused with data. (quote() itself is not used for reals in rows:
-SQLite 3.40 stops at 15 digits when its own parser reads them back, which Python's exact parser
-does not always; printf('%!.20e') gives digits that read back exactly.) Rows the node writes itself (entries applied
-from peers, conflict records) are stored as msgpack blobs instead, which keep every type as is
-and cost a fraction of JSON to produce; a row is JSON if it is TEXT, msgpack if it is a BLOB.
+digits, so those two are tagged: a blob as ``["b", "<HEX>"]``, a real as
+``["r", printf('%!.20e', x)]``: twenty digits, which read back as the same double. (quote() is
+not enough: SQLite 3.40 stops at 15 digits whenever its own, inexact, parser reads them back.)
+A SQLite value is never a JSON array, so the tags cannot be confused with data. Rows the node
+writes itself (entries applied from peers, conflict records) are stored as msgpack blobs
+instead, which keep every type as is and cost a fraction of JSON to produce; a stored row is
+JSON if it is TEXT, msgpack if it is a BLOB.
 
 Keys: a row's primary key is identified by the SQL literals of its values, as SQLite's quote()
 prints them, joined by commas: exact for every type, computable inside a trigger, and mirrored
