@@ -1,0 +1,196 @@
+"""One peer connection: the trio shell around a `protocol.Session`.
+
+The session is a pure state machine; this module owns the socket. A connection is usable only
+once the handshake finished inside its deadline, so a peer that is slow, silent or hostile during
+the handshake costs one task for at most ``handshake_timeout`` and never blocks anyone else.
+Every trio stream error and every protocol error becomes `PeerDisconnected`, logged by the
+caller with the peer's node id; nothing about the reason is ever sent to the peer.
+
+Reading is done by one task at a time (`receive`); sends are serialised by a lock, so a
+heartbeat and a batch never interleave their bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from protocol import (
+    ConnectionClosed,
+    Goodbye,
+    HandshakeComplete,
+    Keyring,
+    Message,
+    ProtocolError,
+    Session,
+    SessionSettings,
+)
+from replicator.errors import ReplicationError
+
+__all__ = ["PeerConnection", "PeerDisconnected", "PeerSettings"]
+
+_READ_SIZE = 1 << 16
+
+
+class PeerDisconnected(ReplicationError):
+    """The connection is over: closed, broken, timed out, or refused at the protocol level."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSettings:
+    cluster_id: str
+    keyring: Keyring
+    session: SessionSettings = field(default_factory=SessionSettings)
+    handshake_timeout: float = 5.0
+
+
+class PeerConnection:
+    def __init__(self, stream: trio.abc.Stream, session: Session, label: str) -> None:
+        self.stream = stream
+        self.session = session
+        self.label = label
+        self.key_id = b""
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._events: deque[Message] = deque()
+        self._send_lock = trio.Lock()
+        self._closed = False
+        self._peer_closed = False
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    async def dial(
+        cls,
+        host: str,
+        port: int,
+        settings: PeerSettings,
+        *,
+        use_previous_key: bool = False,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> PeerConnection:
+        """Connect and complete the handshake as initiator, within the handshake deadline."""
+        label = f"{host}:{port}"
+        try:
+            with trio.fail_after(settings.handshake_timeout):
+                stream = await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as error:
+            raise PeerDisconnected(f"cannot connect: {_describe(error)}", op="dial") from None
+        session = Session.initiator(
+            settings.keyring,
+            settings.cluster_id,
+            settings.session,
+            use_previous_key=use_previous_key,
+            clock=clock,
+        )
+        connection = cls(stream, session, label)
+        await connection._handshake_within(settings.handshake_timeout)
+        return connection
+
+    @classmethod
+    async def accept(
+        cls,
+        stream: trio.abc.Stream,
+        settings: PeerSettings,
+        label: str,
+        *,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> PeerConnection:
+        """Complete the handshake as responder on an accepted stream."""
+        session = Session.responder(settings.keyring, settings.cluster_id, settings.session,
+                                    clock=clock)  # fmt: skip
+        connection = cls(stream, session, label)
+        await connection._handshake_within(settings.handshake_timeout)
+        return connection
+
+    async def _handshake_within(self, seconds: float) -> None:
+        try:
+            with trio.fail_after(seconds):
+                await self._flush_protocol_output()
+                while not self.session.is_open:
+                    for event in await self._read_events():
+                        if isinstance(event, HandshakeComplete):
+                            self.key_id = event.key_id
+                        elif isinstance(event, Message):  # data right behind the handshake
+                            self._events.append(event)
+                    await self._flush_protocol_output()
+        except trio.TooSlowError:
+            await self.abort()
+            raise PeerDisconnected(
+                f"handshake not completed within {seconds:g}s", op="handshake", peer=self.label
+            ) from None
+        except PeerDisconnected:
+            await self.abort()
+            raise
+
+    # -- traffic ---------------------------------------------------------------------------
+
+    async def send(self, message: Message) -> None:
+        async with self._send_lock:
+            try:
+                data = self.session.send(message)
+            except ProtocolError as error:
+                raise PeerDisconnected(str(error), op="send", peer=self.label) from None
+            await self._write(data)
+
+    async def receive(self) -> Message:
+        """The next message from the peer; `PeerDisconnected` when the stream ends."""
+        while not self._events:
+            if self._peer_closed:
+                raise PeerDisconnected("peer closed the connection", op="receive",
+                                       peer=self.label)  # fmt: skip
+            for event in await self._read_events():
+                if isinstance(event, ConnectionClosed):
+                    self._peer_closed = True
+                elif not isinstance(event, HandshakeComplete):
+                    self._events.append(event)
+        return self._events.popleft()
+
+    async def close(self, reason: str = "closing") -> None:
+        """Say goodbye (if still possible) and close the stream."""
+        if self._closed:
+            return
+        if self.session.is_open:
+            with trio.move_on_after(1), contextlib.suppress(PeerDisconnected):
+                await self.send(Goodbye(reason))
+        await self.abort()
+
+    async def abort(self) -> None:
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    async def _read_events(self) -> list[Message | HandshakeComplete | ConnectionClosed]:
+        try:
+            data = await self.stream.receive_some(_READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            raise PeerDisconnected(f"connection lost: {_describe(error)}", op="receive",
+                                   peer=self.label) from None  # fmt: skip
+        self.bytes_received += len(data)
+        try:
+            return self.session.receive_data(bytes(data))
+        except ProtocolError as error:
+            raise PeerDisconnected(str(error), op="receive", peer=self.label) from None
+
+    async def _flush_protocol_output(self) -> None:
+        data = self.session.data_to_send()
+        if data:
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            raise PeerDisconnected(f"connection lost: {_describe(error)}", op="send",
+                                   peer=self.label) from None  # fmt: skip
+        self.bytes_sent += len(data)
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
