@@ -232,6 +232,8 @@ class Hello:
     schema_version: int
     settings_fingerprint: bytes
     version_vector: VersionVector
+    settings: Mapping[str, str] = field(default_factory=dict)
+    """The settings behind the fingerprint, by name, so a mismatch can be named."""
 
     def to_wire(self) -> list[Any]:
         return [
@@ -241,12 +243,17 @@ class Hello:
             self.schema_version,
             self.settings_fingerprint,
             _vector_to_wire(self.version_vector),
+            dict(self.settings),
         ]
 
     @classmethod
     def from_wire(cls, value: Any) -> Self:
-        node_id, incarnation, capabilities, schema, fingerprint, vector = _fields(value, cls, 6)
+        node_id, incarnation, capabilities, schema, fingerprint, vector, settings = _fields(
+            value, cls, 7
+        )
         names = want_list(capabilities, "Hello capabilities", max_len=MAX_CAPABILITIES)
+        if type(settings) is not dict or len(settings) > MAX_CAPABILITIES:
+            raise RemoteProtocolError("Hello settings: expected a map of at most 64 entries")
         return cls(
             node_id=want_name(node_id, "Hello node id"),
             incarnation=want_int(incarnation, "Hello incarnation"),
@@ -256,6 +263,10 @@ class Hello:
                 fingerprint, "Hello settings fingerprint", max_len=MAX_FINGERPRINT
             ),
             version_vector=_vector_from_wire(vector, "Hello version vector"),
+            settings={
+                want_name(key, "Hello setting name"): want_str(item, "Hello setting", max_len=65536)
+                for key, item in settings.items()
+            },
         )
 
 

@@ -60,7 +60,15 @@ def change(seq: int, op: Op = Op.UPDATE) -> Change:
 
 def every_message() -> list[Message]:
     return [
-        Hello("node1", 1, frozenset({"lz4", "snapshot"}), 3, b"\x01" * 32, VECTOR),
+        Hello(
+            "node1",
+            1,
+            frozenset({"lz4", "snapshot"}),
+            3,
+            b"\x01" * 32,
+            VECTOR,
+            {"tables": "t(a,b)"},
+        ),
         Changes(
             node_id="node1",
             sequence=9,

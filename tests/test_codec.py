@@ -88,7 +88,7 @@ def test_encoding_over_the_cap_is_a_local_error() -> None:
         Codec(max_message_size=100).encode(Goodbye.TYPE, ["x" * 200])
 
 
-VALID_HELLO = packed(["node1", 1, [], 1, b"f", []])
+VALID_HELLO = packed(["node1", 1, [], 1, b"f", [], {}])
 BOMB = lz4.block.compress(b"\x00" * (8 << 20), store_size=False)
 
 HOSTILE_PLAINTEXTS = {
@@ -127,15 +127,15 @@ HOSTILE_PLAINTEXTS = {
     "msgpack bin32 of 0xFFFFFFFF": plaintext(HELLO_TYPE, b"\xc6\xff\xff\xff\xff"),
     "msgpack deep nesting": plaintext(HELLO_TYPE, b"\x91" * 5000 + b"\xc0"),
     "msgpack nesting inside a field": plaintext(
-        HELLO_TYPE, packed(["node1", 1, [[[[[[[["x"]]]]]]]], 1, b"f", []])
+        HELLO_TYPE, packed(["node1", 1, [[[[[[[["x"]]]]]]]], 1, b"f", [], {}])
     ),
-    "msgpack ext type": plaintext(HELLO_TYPE, b"\x96\xa5node1\x01\x90\x01\xd4\x05\x00\x90"),
+    "msgpack ext type": plaintext(HELLO_TYPE, b"\x97\xa5node1\x01\x90\x01\xd4\x05\x00\x90\x80"),
     "msgpack timestamp ext": plaintext(HELLO_TYPE, b"\xd6\xff\x00\x00\x00\x01"),
     "msgpack integer map key": plaintext(Heartbeat.TYPE, packed([1, [], {1: b"x"}])),
     "msgpack bytes map key": plaintext(Heartbeat.TYPE, packed([1, [], {b"t": b"x"}])),
     "msgpack trailing bytes": plaintext(HELLO_TYPE, VALID_HELLO + b"\xc0"),
     "msgpack truncated": plaintext(HELLO_TYPE, VALID_HELLO[:-1]),
-    "msgpack invalid utf-8": plaintext(HELLO_TYPE, b"\x96\xa2\xff\xfe\x01\x90\x01\xa1f\x90"),
+    "msgpack invalid utf-8": plaintext(HELLO_TYPE, b"\x97\xa2\xff\xfe\x01\x90\x01\xa1f\x90\x80"),
     "msgpack reserved byte 0xc1": plaintext(HELLO_TYPE, b"\xc1"),
     "empty body": plaintext(HELLO_TYPE, b""),
 }
@@ -174,8 +174,8 @@ REASONS = {
     "empty body": "incomplete input",
     "hello with bool incarnation": "got bool",
     "hello with negative incarnation": "outside",
-    "hello with a field missing": "got 5",
-    "hello with an extra field": "got 7",
+    "hello with a field missing": "got 6",
+    "hello with an extra field": "got 8",
     "hello as a map": "got dict",
     "hello with empty node id": "non-empty",
     "hello with NUL in node id": "no NUL",
@@ -233,21 +233,27 @@ def _changes_plaintext(
 
 
 HOSTILE_SHAPES = {
-    "hello with bool incarnation": plaintext(HELLO_TYPE, packed(["node1", True, [], 1, b"f", []])),
-    "hello with negative incarnation": plaintext(
-        HELLO_TYPE, packed(["node1", -1, [], 1, b"f", []])
+    "hello with bool incarnation": plaintext(
+        HELLO_TYPE, packed(["node1", True, [], 1, b"f", [], {}])
     ),
-    "hello with a field missing": plaintext(HELLO_TYPE, packed(["node1", 1, [], 1, b"f"])),
-    "hello with an extra field": plaintext(HELLO_TYPE, packed(["node1", 1, [], 1, b"f", [], 0])),
+    "hello with negative incarnation": plaintext(
+        HELLO_TYPE, packed(["node1", -1, [], 1, b"f", [], {}])
+    ),
+    "hello with a field missing": plaintext(HELLO_TYPE, packed(["node1", 1, [], 1, b"f", []])),
+    "hello with an extra field": plaintext(
+        HELLO_TYPE, packed(["node1", 1, [], 1, b"f", [], {}, 0])
+    ),
     "hello as a map": plaintext(HELLO_TYPE, packed({"node_id": "node1"})),
-    "hello with empty node id": plaintext(HELLO_TYPE, packed(["", 1, [], 1, b"f", []])),
-    "hello with NUL in node id": plaintext(HELLO_TYPE, packed(["n\x00", 1, [], 1, b"f", []])),
-    "hello with huge fingerprint": plaintext(HELLO_TYPE, packed(["n", 1, [], 1, b"f" * 65, []])),
+    "hello with empty node id": plaintext(HELLO_TYPE, packed(["", 1, [], 1, b"f", [], {}])),
+    "hello with NUL in node id": plaintext(HELLO_TYPE, packed(["n\x00", 1, [], 1, b"f", [], {}])),
+    "hello with huge fingerprint": plaintext(
+        HELLO_TYPE, packed(["n", 1, [], 1, b"f" * 65, [], {}])
+    ),
     "hello with duplicate origin": plaintext(
-        HELLO_TYPE, packed(["n", 1, [], 1, b"f", [["a", 1, 1], ["a", 1, 2]]])
+        HELLO_TYPE, packed(["n", 1, [], 1, b"f", [["a", 1, 1], ["a", 1, 2]], {}])
     ),
     "hello with uint64 sequence": plaintext(
-        HELLO_TYPE, packed(["n", 1, [], 1, b"f", [["a", 1, 1 << 63]]])
+        HELLO_TYPE, packed(["n", 1, [], 1, b"f", [["a", 1, 1 << 63]], {}])
     ),
     "changes with wrong checksum": _changes_plaintext([_change_wire()], checksum=b"\x00" * 16),
     "changes with unknown op": _changes_plaintext([_change_wire(op=7)]),
@@ -275,6 +281,6 @@ def test_message_with_wrong_shape_is_refused(name: str) -> None:
 
 
 def test_version_vector_keys_are_origins() -> None:
-    message = decode(plaintext(HELLO_TYPE, packed(["n", 1, [], 1, b"f", [["a", 2, 9]]])))
+    message = decode(plaintext(HELLO_TYPE, packed(["n", 1, [], 1, b"f", [["a", 2, 9]], {}])))
     assert isinstance(message, Hello)
     assert message.version_vector == {Origin("a", 2): 9}
