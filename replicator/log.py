@@ -43,4 +43,6 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
 
 def get_logger(component: str, **context: Any) -> Any:
     """A logger bound to its component (and, for peer code, ``peer=node_id``)."""
-    return structlog.get_logger().bind(**{KEY_COMPONENT: component}, **context)
+    # Initial values keep the proxy lazy: a module-level logger created at import time still
+    # follows the configuration `configure` sets later.
+    return structlog.get_logger(**{KEY_COMPONENT: component}, **context)

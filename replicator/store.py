@@ -67,8 +67,15 @@ class LogRecord:
 
 def connect(settings: StoreSettings) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), pragmas applied."""
-    conn = sqlite3.connect(settings.path, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout_ms)}")
+    try:
+        conn = sqlite3.connect(settings.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout_ms)}")
+    except sqlite3.Error as error:
+        raise SchemaError(
+            f"cannot open the state database {settings.path}: {error}",
+            op="connect",
+            hint="check state.path and that its directory exists and is writable",
+        ) from None
     for name, value in settings.pragmas.items():
         if name not in _ALLOWED_PRAGMAS:
             raise SchemaError(f"unsupported database setting {name!r}", op="connect")

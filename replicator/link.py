@@ -1,0 +1,259 @@
+"""Streaming with one connected peer: what it lacks goes out, what it sends comes in.
+
+Three tasks share the connection. The sender reads this node's log from a position and sends
+every entry the peer does not hold yet (its version vector says which), first the backlog, then
+each new commit as soon as the detector sees it; at most ``window`` batches wait for their ack,
+so a slow peer slows the sender instead of filling memory. The receiver applies the peer's
+batches (one transaction each) and acknowledges only after the commit; a gap makes it ask for a
+resend instead of skipping. The heartbeat carries wall time (for skew) and the vector, and the
+link ends when the peer has been silent longer than the liveness timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from protocol import (
+    Ack,
+    Change,
+    Changes,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Message,
+    MessageTooLarge,
+    Origin,
+    Resend,
+    Skip,
+)
+from replicator import hlc
+from replicator.applier import ApplyResult
+from replicator.log import KEY_PEER, get_logger
+from replicator.peer import PeerConnection, PeerDisconnected
+from replicator.store import LogRecord
+
+__all__ = ["Link", "LinkSettings", "PeerStatus"]
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSettings:
+    batch_size: int = 1000
+    window: int = 4
+    heartbeat_interval: float = 1.0
+    liveness_timeout: float = 10.0
+
+
+@dataclass(slots=True)
+class PeerStatus:
+    """What this node knows about one peer, for status and metrics."""
+
+    node_id: str
+    address: str
+    state: str = "disconnected"
+    last_contact: float | None = None
+    peer_vector: dict[Origin, int] = field(default_factory=dict)
+    sent_position: int = 0
+    acked_position: int = 0
+    skew_ms: int | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    changes_sent: int = 0
+    changes_received: int = 0
+    last_error: str | None = None
+
+
+ReadLog = Callable[[int, int], Awaitable[list[LogRecord]]]
+Apply = Callable[
+    [tuple[Change, ...], tuple[Skip, ...]], Awaitable[tuple[ApplyResult, dict[Origin, int]]]
+]
+WaitLog = Callable[[int], Awaitable[None]]
+
+
+class Link:
+    def __init__(
+        self,
+        connection: PeerConnection,
+        hello: Hello,
+        status: PeerStatus,
+        *,
+        node_id: str,
+        settings: LinkSettings,
+        read_log: ReadLog,
+        apply: Apply,
+        wait_for_log: WaitLog,
+        vector: Callable[[], dict[Origin, int]],
+    ) -> None:
+        self.connection = connection
+        self.peer = hello.node_id
+        self.peer_origin = Origin(hello.node_id, hello.incarnation)
+        self.status = status
+        self.node_id = node_id
+        self.settings = settings
+        self._read_log = read_log
+        self._apply = apply
+        self._wait_for_log = wait_for_log
+        self._vector = vector
+        self._log = get_logger("link", **{KEY_PEER: hello.node_id})
+        status.peer_vector = dict(hello.version_vector)
+        self._in_flight: deque[tuple[int, int]] = deque()
+        self._window_open = trio.Event()
+        self._window_open.set()
+        self._rewind = False
+        self._sequence = 0
+
+    async def run(self) -> None:
+        """Until the connection ends; raises `PeerDisconnected` with the reason."""
+        self.status.state = "connected"
+        self.status.last_contact = time.time()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_loop)
+                nursery.start_soon(self._heartbeat_loop)
+                await self._receive_loop()
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # One task saw the connection end; the others were cancelled by it.
+            matched, _ = group.split(PeerDisconnected)
+            if matched is None:
+                raise
+            first: BaseException = matched
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+        finally:
+            self.status.state = "disconnected"
+            self.status.bytes_in = self.connection.bytes_received
+            self.status.bytes_out = self.connection.bytes_sent
+
+    async def close(self, reason: str) -> None:
+        await self.connection.close(reason)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        position = 0
+        while True:
+            if self._rewind:
+                position, self._rewind = 0, False
+            records = await self._read_log(position, self.settings.batch_size)
+            if not records:
+                await self._wait_for_log(position)
+                continue
+            position = records[-1].position
+            changes, skips = self._lacking(records)
+            if changes or skips:
+                await self._send_batch(changes, skips, position)
+            self.status.sent_position = position
+
+    def _lacking(self, records: list[LogRecord]) -> tuple[list[Change], list[Skip]]:
+        """Entries the peer does not hold yet (its own writes never go back to it)."""
+        have = self.status.peer_vector
+        changes: list[Change] = []
+        skips: list[Skip] = []
+        for record in records:
+            entry = record.entry
+            origin = entry.origin
+            if origin == self.peer_origin:
+                continue
+            if isinstance(entry, Change):
+                if entry.seq > have.get(origin, 0):
+                    changes.append(entry)
+                    have[origin] = entry.seq
+            elif entry.last_seq > have.get(origin, 0):
+                skips.append(entry)
+                have[origin] = entry.last_seq
+        return changes, skips
+
+    async def _send_batch(self, changes: list[Change], skips: list[Skip], position: int) -> None:
+        while len(self._in_flight) >= self.settings.window:
+            self._window_open = trio.Event()
+            await self._window_open.wait()
+        self._sequence += 1
+        batch = Changes(
+            node_id=self.node_id,
+            sequence=self._sequence,
+            timestamp=hlc.pack(hlc.wall_clock_ms()),
+            changes=tuple(changes),
+            skips=tuple(skips),
+        )
+        try:
+            await self.connection.send(batch)
+        except MessageTooLarge:
+            # Rows too large for one frame together: send them in halves.
+            middle = max(1, len(changes) // 2)
+            if len(changes) <= 1:
+                raise
+            self._sequence -= 1
+            await self._send_batch(changes[:middle], [], position)
+            await self._send_batch(changes[middle:], skips, position)
+            return
+        self._in_flight.append((self._sequence, position))
+        self.status.changes_sent += len(changes)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self.connection.send(Heartbeat(hlc.wall_clock_ms(), self._vector(), {}))
+            await trio.sleep(self.settings.heartbeat_interval)
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self.settings.liveness_timeout) as silence:
+                message = await self.connection.receive()
+            if silence.cancelled_caught:
+                raise PeerDisconnected(
+                    f"peer silent for {self.settings.liveness_timeout:g}s",
+                    op="receive",
+                    peer=self.peer,
+                )
+            self.status.last_contact = time.time()
+            self.status.bytes_in = self.connection.bytes_received
+            self.status.bytes_out = self.connection.bytes_sent
+            if isinstance(message, Goodbye):
+                self._log.info("peer said goodbye", reason=message.reason)
+                return
+            await self._dispatch(message)
+
+    async def _dispatch(self, message: Message) -> None:
+        if isinstance(message, Changes):
+            await self._on_changes(message)
+        elif isinstance(message, Ack):
+            self._on_ack(message)
+        elif isinstance(message, Heartbeat):
+            self.status.skew_ms = message.wall_time_ms - hlc.wall_clock_ms()
+            _merge(self.status.peer_vector, message.version_vector)
+        elif isinstance(message, Resend):
+            self.status.peer_vector = dict(message.version_vector)
+            self._rewind = True
+        else:
+            raise PeerDisconnected(
+                f"unexpected {type(message).__name__} on an open link", op="receive", peer=self.peer
+            )
+
+    async def _on_changes(self, batch: Changes) -> None:
+        result, vector = await self._apply(batch.changes, batch.skips)
+        self.status.changes_received += result.accepted
+        await self.connection.send(Ack(vector, batch.sequence))
+        if result.gaps or result.clock_refused:
+            await self.connection.send(Resend(vector))
+
+    def _on_ack(self, ack: Ack) -> None:
+        _merge(self.status.peer_vector, ack.version_vector)
+        while self._in_flight and self._in_flight[0][0] <= ack.through_sequence:
+            _, position = self._in_flight.popleft()
+            self.status.acked_position = max(self.status.acked_position, position)
+        if len(self._in_flight) < self.settings.window:
+            self._window_open.set()
+
+
+def _merge(into: dict[Origin, int], vector: dict[Origin, int] | object) -> None:
+    if isinstance(vector, dict):
+        for origin, seq in vector.items():
+            if seq > into.get(origin, 0):
+                into[origin] = seq

@@ -1,0 +1,397 @@
+"""The node: one trio process, a tree of tasks you can read top-down in `Node.run`.
+
+    run
+    ├── detector      notices commits (any process) and wakes the senders
+    ├── listener      accepts peers: handshake, Hello, then a Link
+    └── dialer (each) one per configured peer: connect, Hello, Link; reconnect with backoff
+
+SQLite calls block, so they run in worker threads, one connection per concern (the applier,
+each link's log reader), each behind a limiter of one so a connection is never used by two
+threads at once. A connection between two configured peers is kept once: when both dial each
+other, both sides keep the one dialled by the node with the smaller id.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from protocol import Change, Hello, Keyring, Origin, SessionSettings, Skip, stretch_passphrase
+from replicator.applier import Applier, ApplyResult
+from replicator.config import Config
+from replicator.detector import Detector
+from replicator.errors import ConfigError
+from replicator.link import Link, LinkSettings, PeerStatus
+from replicator.log import KEY_PEER, get_logger
+from replicator.membership import HelloRefused, check_hello, fingerprint, shared_settings
+from replicator.migrations import SCHEMA_VERSION
+from replicator.peer import PeerConnection, PeerDisconnected, PeerSettings
+from replicator.resolvers import Resolver, make_resolver
+from replicator.store import LogRecord, Store, StoreSettings
+
+__all__ = ["Node", "NodeOptions", "unbuilt_settings"]
+
+_log = get_logger("node")
+CAPABILITIES = frozenset({"changes", "skips", "resend"})
+
+
+@dataclass(frozen=True, slots=True)
+class NodeOptions:
+    """Timing knobs tests may tighten; defaults suit production."""
+
+    handshake_timeout: float = 5.0
+    hello_timeout: float = 5.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+    link: LinkSettings = field(default_factory=LinkSettings)
+
+
+def unbuilt_settings(config: Config) -> list[str]:
+    """Settings that ask for a feature this version does not have: the node refuses to start
+    with them rather than silently ignore them."""
+    r, s = config.replication, config.state
+    found = [
+        f"{block} (an appliance block, not a replicator setting)" for block in config.foreign_blocks
+    ]
+    checks = {
+        "replication.filters": r.filters.active,
+        "replication.transformations": any(r.transformations.values()),
+        "replication.transport.tls": bool(r.transport.tls),
+        "replication.transport.encryption = false": not r.transport.encryption,
+        "replication.auth.key_rotation": r.auth.key_rotation is not None,
+        'replication.sync.mode = "full"': r.sync.mode == "full",
+        "replication.recovery.full_resync.schedule": r.recovery.full_resync_schedule is not None,
+        "replication.backup_before_resync": r.backup_before_resync,
+        "replication.conflict_resolution.manual_resolution.require_approval": (
+            r.conflict_resolution.require_approval
+        ),
+        "state.backup.enabled": s.backup.enabled,
+        "state.compression": s.compression,
+        'state.sync.mode = "full"': s.sync_mode == "full",
+    }
+    found += [name for name, present in checks.items() if present]
+    return found
+
+
+class Node:
+    def __init__(self, config: Config, options: NodeOptions | None = None) -> None:
+        self.config = config
+        self.options = options or NodeOptions()
+        replication = config.replication
+        self.node_id = replication.node_id
+        self.peers = {peer.id: peer for peer in replication.peers}
+        self.status = {peer.id: PeerStatus(peer.id, peer.address) for peer in replication.peers}
+        self.store_settings = StoreSettings(
+            path=config.state.path,
+            node_id=self.node_id,
+            tables=replication.replicated_tables(),
+            pragmas=config.state.database.pragmas(),
+            busy_timeout_ms=int(config.state.database.busy_timeout * 1000),
+            schema_sql=_read_schema(config.state.schema),
+        )
+        self.links: dict[str, Link] = {}
+        self._log_changed = trio.Event()
+        self._apply_limiter = trio.CapacityLimiter(1)
+        self._applier: Applier | None = None
+        self._settings: dict[str, str] = {}
+        self._peer_settings: PeerSettings | None = None
+        self._vector_cache: dict[Origin, int] = {}
+        self.origin: Origin | None = None
+
+    # -- the tree --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        unbuilt = unbuilt_settings(self.config)
+        if unbuilt:
+            raise ConfigError(
+                f"{self.config.file}: not supported by this version: {', '.join(unbuilt)}",
+                op="start",
+                hint="remove these settings; replicator never ignores a setting silently",
+            )
+        store = await trio.to_thread.run_sync(self._prepare)
+        self._peer_settings = await trio.to_thread.run_sync(self._peer_settings_from_config)
+        self.origin = store.origin
+        detector = Detector(self.store_settings, after=0, batch_size=self.options.link.batch_size)
+        detector.position = await trio.to_thread.run_sync(store.log_position)
+        replication = self.config.replication
+        _log.info(
+            "node starting",
+            node=self.node_id,
+            mode=replication.mode,
+            listen=f"{replication.listen_host}:{replication.listen_port}",
+            tables=list(self.store_settings.tables),
+            peers=list(self.peers),
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_log, detector)
+            await nursery.start(
+                functools.partial(
+                    trio.serve_tcp,
+                    self._accept,
+                    replication.listen_port,
+                    host=replication.listen_host,
+                )
+            )
+            for peer_id in self.peers:
+                nursery.start_soon(self._dial_loop, peer_id)
+            task_status.started()
+
+    def _prepare(self) -> Store:
+        os.makedirs(os.path.dirname(self.store_settings.path) or ".", exist_ok=True)
+        store = Store.open(self.store_settings)
+        mode = self.config.replication.mode
+        clock = store.clock()
+        if mode == "replica" and not clock.promoted:
+            store.set_read_only(True)
+        elif mode == "replica":
+            _log.warning("configured as replica but promoted earlier: running as primary")
+            store.set_read_only(False)
+        else:
+            store.set_read_only(False)
+        conflicts = self.config.replication.conflict_resolution
+
+        def resolver(strategy: str) -> Resolver:
+            return make_resolver(
+                strategy,
+                clock_skew_tolerance_ms=int(conflicts.clock_skew_tolerance * 1000),
+                near_tie=conflicts.near_tie,
+                priorities=conflicts.priorities,
+            )
+
+        self._applier = Applier(
+            Store.open(self.store_settings, prepare=False),
+            {table: resolver(strategy) for table, strategy in conflicts.tables.items()},
+            resolver(conflicts.strategy),
+            max_clock_offset_ms=int(conflicts.max_clock_offset * 1000),
+        )
+        self._settings = shared_settings(self.config.replication, store.tables)
+        return store
+
+    def _peer_settings_from_config(self) -> PeerSettings:
+        """Stretch the passphrases once (Argon2id is slow on purpose)."""
+        replication = self.config.replication
+        current, previous = replication.auth.passphrases()
+        try:
+            keyring = Keyring(
+                stretch_passphrase(current, replication.cluster_id),
+                None if previous is None else stretch_passphrase(previous, replication.cluster_id),
+            )
+        except ValueError as error:
+            raise ConfigError(f"{self.config.file}: replication.auth.secret_key: {error}",
+                              op="start") from None  # fmt: skip
+        session = SessionSettings(compress=replication.transport.compression)
+        return PeerSettings(
+            replication.cluster_id, keyring, session, self.options.handshake_timeout
+        )
+
+    async def _watch_log(self, detector: Detector) -> None:
+        """Wake every sender whenever the log grows (local commits or applied batches)."""
+        limiter = trio.CapacityLimiter(1)
+        while True:
+            records = await trio.to_thread.run_sync(detector.poll, limiter=limiter)
+            if records:
+                self._announce_log_change()
+                continue
+            with trio.move_on_after(detector.poll_interval):
+                await self._log_changed.wait()
+
+    def _announce_log_change(self) -> None:
+        changed, self._log_changed = self._log_changed, trio.Event()
+        changed.set()
+
+    async def _wait_for_log(self, position: int) -> None:
+        with trio.move_on_after(self.config.replication.sync.interval):
+            await self._log_changed.wait()
+
+    async def shutdown(self) -> None:
+        """Say goodbye to every peer (briefly: a dead peer must not hold up the stop)."""
+        with trio.move_on_after(2):
+            async with trio.open_nursery() as nursery:
+                for link in list(self.links.values()):
+                    nursery.start_soon(link.close, "node shutting down")
+
+    # -- connections -----------------------------------------------------------------------
+
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        label = _describe_remote(stream)
+        assert self._peer_settings is not None
+        try:
+            connection = await PeerConnection.accept(stream, self._peer_settings, label)
+        except PeerDisconnected as error:
+            _log.warning("incoming connection refused", remote=label, reason=error.message)
+            return
+        await self._serve(connection, initiator=None)
+
+    async def _dial_loop(self, peer_id: str) -> None:
+        peer = self.peers[peer_id]
+        log = _log.bind(**{KEY_PEER: peer_id})
+        delay = self.options.backoff_initial
+        use_previous = False
+        assert self._peer_settings is not None
+        while True:
+            if peer_id in self.links:
+                await trio.sleep(self.options.backoff_max * random.uniform(0.5, 1))  # noqa: S311
+                continue
+            self.status[peer_id].state = "connecting"
+            try:
+                connection = await PeerConnection.dial(
+                    peer.host, peer.port, self._peer_settings, use_previous_key=use_previous
+                )
+            except PeerDisconnected as error:
+                self.status[peer_id].last_error = error.message
+                if self.status[peer_id].state == "connecting":
+                    self.status[peer_id].state = "disconnected"
+                # During a key rotation the peer may hold only the previous key.
+                if self._peer_settings.keyring.previous is not None:
+                    use_previous = not use_previous
+                log.debug("dial failed", reason=error.message, retry_in=round(delay, 2))
+                await trio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311
+                delay = min(delay * 2, self.options.backoff_max)
+                continue
+            delay = self.options.backoff_initial
+            await self._serve(connection, initiator=self.node_id)
+
+    async def _serve(self, connection: PeerConnection, initiator: str | None) -> None:
+        """Hello both ways, then run the link until it ends."""
+        try:
+            hello = await self._exchange_hello(connection)
+        except (PeerDisconnected, HelloRefused) as error:
+            _log.warning("peer refused", remote=connection.label, reason=str(error))
+            await connection.abort()
+            return
+        peer_id = hello.node_id
+        log = _log.bind(**{KEY_PEER: peer_id})
+        preferred = min(self.node_id, peer_id)
+        dialled_by = initiator if initiator is not None else peer_id
+        existing = self.links.get(peer_id)
+        if existing is not None:
+            if dialled_by != preferred:
+                log.debug("duplicate connection closed", dialled_by=dialled_by)
+                await connection.close("duplicate connection")
+                return
+            await existing.close("replaced by the preferred connection")
+        link = Link(
+            connection,
+            hello,
+            self.status[peer_id],
+            node_id=self.node_id,
+            settings=self.options.link,
+            read_log=self._reader(),
+            apply=self._apply,
+            wait_for_log=self._wait_for_log,
+            vector=self._last_vector,
+        )
+        self.links[peer_id] = link
+        log.info("peer connected", remote=connection.label, dialled_by=dialled_by)
+        try:
+            await link.run()
+            log.info("peer link closed")
+        except PeerDisconnected as error:
+            self.status[peer_id].last_error = error.message
+            log.warning("peer disconnected", reason=error.message)
+        finally:
+            if self.links.get(peer_id) is link:
+                del self.links[peer_id]
+            await connection.abort()
+
+    async def _exchange_hello(self, connection: PeerConnection) -> Hello:
+        vector = await trio.to_thread.run_sync(self._vector_now, limiter=self._apply_limiter)
+        assert self.origin is not None
+        hello = Hello(
+            node_id=self.node_id,
+            incarnation=self.origin.incarnation,
+            capabilities=CAPABILITIES,
+            schema_version=SCHEMA_VERSION,
+            settings_fingerprint=fingerprint(self._settings),
+            version_vector=vector,
+            settings=self._settings,
+        )
+        with trio.fail_after(self.options.hello_timeout):
+            await connection.send(hello)
+            reply = await connection.receive()
+        if not isinstance(reply, Hello):
+            raise HelloRefused(f"expected Hello, got {type(reply).__name__}", op="hello")
+        check_hello(reply, local_id=self.node_id, expected=self.peers, settings=self._settings)
+        return reply
+
+    # -- database work in threads ----------------------------------------------------------
+
+    def _reader(self) -> _LogReader:
+        return _LogReader(self.store_settings)
+
+    async def _apply(
+        self, changes: Sequence[Change], skips: Sequence[Skip]
+    ) -> tuple[ApplyResult, dict[Origin, int]]:
+        while True:
+            try:
+                return await trio.to_thread.run_sync(
+                    self._apply_sync, changes, skips, limiter=self._apply_limiter
+                )
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) and "busy" not in str(error):
+                    raise
+                _log.warning("state database busy; retrying the batch", error=str(error))
+                await trio.sleep(0.05)
+
+    def _apply_sync(
+        self, changes: Sequence[Change], skips: Sequence[Skip]
+    ) -> tuple[ApplyResult, dict[Origin, int]]:
+        assert self._applier is not None
+        result = self._applier.apply(changes, skips)
+        vector = self._applier.store.version_vector()
+        self._vector_cache = vector
+        return result, vector
+
+    def _vector_now(self) -> dict[Origin, int]:
+        assert self._applier is not None
+        self._vector_cache = self._applier.store.version_vector()
+        return self._vector_cache
+
+    def _last_vector(self) -> dict[Origin, int]:
+        return dict(self._vector_cache)
+
+
+class _LogReader:
+    """A link's own connection for reading the log, in a worker thread."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self._settings = settings
+        self._store: Store | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def __call__(self, after: int, limit: int) -> list[LogRecord]:
+        return await trio.to_thread.run_sync(self._read, after, limit, limiter=self._limiter)
+
+    def _read(self, after: int, limit: int) -> list[LogRecord]:
+        if self._store is None:
+            self._store = Store.open(self._settings, prepare=False)
+        store = self._store
+        store.conn.execute("BEGIN")
+        try:
+            return store.read_log(after, limit)
+        finally:
+            store.conn.execute("COMMIT")
+
+
+def _read_schema(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path) as schema:
+            return schema.read()
+    except OSError as error:
+        raise ConfigError(f"state.schema: cannot read {path}: {error.strerror}") from None
+
+
+def _describe_remote(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "unknown"
+    return f"{host}:{port}"

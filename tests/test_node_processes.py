@@ -1,0 +1,146 @@
+"""Nodes as separate processes on 127.0.0.x, applications writing their files from outside.
+
+Every wait has a deadline (`wait_until`), and every process is stopped by the fixture, so a
+failing test can neither hang CI nor leave a node running.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.node_procs import NodeProcess, wait_until
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[list[NodeProcess]]:
+    started: list[NodeProcess] = []
+    yield started
+    for node in started:
+        node.stop(signal.SIGKILL)
+
+
+def start_all(nodes: list[NodeProcess]) -> None:
+    for node in nodes:
+        node.start([peer for peer in nodes if peer is not node])
+
+
+def lease(i: int, prefix: str = "m") -> tuple[str, str, int]:
+    return (f"{prefix}{i:06d}", f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1_800_000_000 + i)
+
+
+def test_two_nodes_replicate_writes_made_on_both_sides(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
+    nodes += [node1, node2]
+    start_all(nodes)
+    one, two = node1.app(), node2.app()
+    with one:
+        one.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)",
+                        [lease(i, "a") for i in range(2000)])  # fmt: skip
+    with two:
+        two.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)",
+                        [lease(i + 5000, "b") for i in range(2000)])  # fmt: skip
+    two.execute("INSERT INTO dns_records (name, type, zone, value) VALUES ('gw', 'A', 'lan', 'x')")
+    one.execute("UPDATE dhcp_leases SET hostname = 'renamed' WHERE mac = 'b005000'")
+    one.execute("DELETE FROM dhcp_leases WHERE mac = 'a000001'")
+    wait_until(
+        lambda: (
+            node1.rows("dhcp_leases") == node2.rows("dhcp_leases")
+            and node1.count("dhcp_leases") == 3999
+            and node1.count("dns_records") == 1
+        ),
+        what="both nodes to hold the same leases",
+    )
+    assert node2.rows("dhcp_leases")[-1][2] is None
+    renamed = [row for row in node2.rows("dhcp_leases") if row[0] == "b005000"]
+    assert renamed[0][2] == "renamed"
+    assert node1.logged("peer connected", peer="node2")
+    assert node2.logged("peer connected", peer="node1")
+
+
+def test_replicator_stopped_while_its_application_writes_misses_nothing(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
+    nodes += [node1, node2]
+    start_all(nodes)
+    one = node1.app()
+    one.execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('first', '192.168.0.1', 1)")
+    wait_until(lambda: node2.count("dhcp_leases") == 1, what="the first lease on node2")
+    assert node1.stop() == 0  # SIGTERM: drains and says goodbye
+    with one:
+        one.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)",
+                        [lease(i) for i in range(500)])  # fmt: skip
+    node1.start([node2])
+    wait_until(lambda: node2.count("dhcp_leases") == 501, what="node2 to catch up")
+    assert node2.logged("peer said goodbye", peer="node1")
+
+
+def test_kill_9_of_a_receiving_node_loses_and_duplicates_nothing(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
+    nodes += [node1, node2]
+    start_all(nodes)
+    one = node1.app()
+    for batch in range(10):
+        with one:
+            one.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)",
+                            [lease(batch * 1000 + i) for i in range(1000)])  # fmt: skip
+        if batch == 4:
+            wait_until(lambda: node2.count("dhcp_leases") > 0, what="the stream to start")
+            node2.stop(signal.SIGKILL)
+            node2.start([node1])
+    wait_until(lambda: node2.count("dhcp_leases") == 10_000, what="node2 to hold every lease")
+    two = node2.app()
+    origin_seqs = [
+        seq
+        for (seq,) in two.execute(
+            "SELECT origin_seq FROM _repl_log WHERE origin_node = 'node1' ORDER BY origin_seq"
+        )
+    ]
+    assert origin_seqs == list(range(1, 10_001))  # each change exactly once
+
+
+def test_peer_with_the_wrong_key_is_refused_while_the_others_replicate(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
+    intruder = NodeProcess(tmp_path, "node3", "127.0.0.3", secret="not the cluster passphrase!")
+    nodes += [node1, node2, intruder]
+    node1.start([node2, intruder])
+    node2.start([node1])
+    intruder.start([node1])
+    node1.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('x', '10.0.0.9', 1)")
+    wait_until(lambda: node2.count("dhcp_leases") == 1, what="node1 -> node2 replication")
+    wait_until(
+        lambda: any("keyring" in line.get("reason", "") for line in node1.logged(
+            "incoming connection refused")),
+        what="node1 to log the refused key",
+    )  # fmt: skip
+    assert not intruder.logged("peer connected")
+
+
+def test_peer_with_other_settings_is_refused_naming_the_difference(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2", strategy="priority")
+    nodes += [node1, node2]
+    start_all(nodes)
+    wait_until(
+        lambda: any("strategy: here timestamp, there priority" in line.get("reason", "")
+                    for line in node1.logged("peer refused")),
+        what="node1 to name the differing strategy",
+    )  # fmt: skip
+    node1.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('x', '10.0.0.9', 1)")
+    assert node2.count("dhcp_leases") == 0
