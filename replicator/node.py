@@ -17,14 +17,17 @@ import functools
 import os
 import random
 import sqlite3
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
 from protocol import Change, Hello, Keyring, Origin, SessionSettings, Skip, stretch_passphrase
 from replicator.applier import Applier, ApplyResult
 from replicator.config import Config
+from replicator.control import Request, Response, Routes, serve_control
 from replicator.detector import Detector
 from replicator.errors import ConfigError
 from replicator.link import Link, LinkSettings, PeerStatus
@@ -102,6 +105,8 @@ class Node:
         self._settings: dict[str, str] = {}
         self._peer_settings: PeerSettings | None = None
         self._vector_cache: dict[Origin, int] = {}
+        self._detector: Detector | None = None
+        self.started_at = time.time()
         self.origin: Origin | None = None
 
     # -- the tree --------------------------------------------------------------------------
@@ -128,7 +133,10 @@ class Node:
             tables=list(self.store_settings.tables),
             peers=list(self.peers),
         )
+        self._detector = detector
+        self.started_at = time.time()
         async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, replication.control_socket, self._routes())
             nursery.start_soon(self._watch_log, detector)
             await nursery.start(
                 functools.partial(
@@ -208,6 +216,53 @@ class Node:
     async def _wait_for_log(self, position: int) -> None:
         with trio.move_on_after(self.config.replication.sync.interval):
             await self._log_changed.wait()
+
+    # -- operator view -----------------------------------------------------------------------
+
+    def _routes(self) -> Routes:
+        return {("GET", "/api/replication/status"): self._status_route}
+
+    async def _status_route(self, request: Request) -> Response:
+        await trio.to_thread.run_sync(self._vector_now, limiter=self._apply_limiter)
+        return Response(200, self.status_report())
+
+    def status_report(self) -> dict[str, Any]:
+        replication = self.config.replication
+        position = self._detector.position if self._detector is not None else 0
+        now = time.time()
+        peers = []
+        for peer_id, status in self.status.items():
+            peers.append(
+                {
+                    "id": peer_id,
+                    "address": status.address,
+                    "state": status.state,
+                    "last_contact": status.last_contact,
+                    "seconds_since_contact": None
+                    if status.last_contact is None
+                    else round(now - status.last_contact, 3),
+                    "sent_position": status.sent_position,
+                    "acked_position": status.acked_position,
+                    "lag_changes": max(0, position - status.acked_position),
+                    "skew_ms": status.skew_ms,
+                    "bytes_in": status.bytes_in,
+                    "bytes_out": status.bytes_out,
+                    "changes_sent": status.changes_sent,
+                    "changes_received": status.changes_received,
+                    "last_error": status.last_error,
+                }
+            )
+        return {
+            "node_id": self.node_id,
+            "mode": replication.mode,
+            "cluster_id": replication.cluster_id,
+            "origin": str(self.origin),
+            "listen": f"{replication.listen_host}:{replication.listen_port}",
+            "uptime_seconds": round(now - self.started_at, 3),
+            "log_position": position,
+            "version_vector": {str(o): seq for o, seq in self._vector_cache.items()},
+            "peers": peers,
+        }
 
     async def shutdown(self) -> None:
         """Say goodbye to every peer (briefly: a dead peer must not hold up the stop)."""

@@ -121,6 +121,27 @@ replication {{
         conn.execute("PRAGMA busy_timeout = 10000")
         return conn
 
+    @property
+    def control_socket(self) -> Path:
+        return self.directory / "control.sock"
+
+    def api(self, method: str, path: str) -> tuple[int, Any]:
+        """One request on the control socket, as curl --unix-socket would make it."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(10)
+            client.connect(str(self.control_socket))
+            client.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), json.loads(body)
+
+    def status(self) -> dict[str, Any]:
+        code, body = self.api("GET", "/api/replication/status")
+        assert code == 200, body
+        return dict(body)
+
     def logs(self) -> list[dict[str, Any]]:
         if not self.log_path.exists():
             return []

@@ -144,3 +144,45 @@ def test_peer_with_other_settings_is_refused_naming_the_difference(
     )  # fmt: skip
     node1.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('x', '10.0.0.9', 1)")
     assert node2.count("dhcp_leases") == 0
+
+
+def test_status_on_the_control_socket_shows_peers_and_their_progress(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
+    nodes += [node1, node2]
+    start_all(nodes)
+    with node1.app() as one:
+        one.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)",
+                        [lease(i) for i in range(300)])  # fmt: skip
+    wait_until(lambda: node2.count("dhcp_leases") == 300, what="replication")
+    wait_until(
+        lambda: node1.status()["peers"][0]["lag_changes"] == 0, what="node2's ack to reach node1"
+    )
+    status = node1.status()
+    assert status["node_id"] == "node1"
+    assert status["mode"] == "active-active"
+    (peer,) = status["peers"]
+    assert (peer["id"], peer["state"]) == ("node2", "connected")
+    assert peer["acked_position"] == status["log_position"] == 300
+    assert peer["changes_sent"] == 300
+    assert status["version_vector"][status["origin"]] == 300
+    assert oct(node1.control_socket.stat().st_mode & 0o777) == "0o600"
+    code, body = node1.api("GET", "/api/replication/nowhere")
+    assert code == 404
+    assert set(body) == {"error", "details"}
+
+
+def test_control_socket_left_by_a_crash_is_replaced(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    nodes.append(node1)
+    node1.start([])
+    wait_until(node1.control_socket.exists, what="the control socket")
+    node1.stop(signal.SIGKILL)
+    assert node1.control_socket.exists()  # a crash leaves it behind
+    node1.start([])
+    wait_until(lambda: len(node1.logged("control socket ready")) == 2, what="the restart")
+    assert node1.status()["node_id"] == "node1"

@@ -1,0 +1,212 @@
+"""The control socket: HTTP/1.1 + JSON on a Unix socket, for the CLI, scripts and curl.
+
+    curl --unix-socket /run/replicator/control.sock http://x/api/replication/status
+
+HTTP is parsed by h11 (sans-IO, like our own protocol), the socket is created with mode 0600,
+and a connection from another user is refused unless that user is root (SO_PEERCRED). A socket
+file left by a crash is replaced only if it is a socket and nothing answers on it. Errors are
+JSON ``{"error", "details"}`` with a fitting status code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import trio
+
+from replicator.errors import ReplicationError
+from replicator.log import get_logger
+
+__all__ = ["ControlError", "Request", "Response", "Routes", "serve_control"]
+
+_log = get_logger("control")
+MAX_REQUEST_BYTES = 1 << 20
+REQUEST_TIMEOUT = 10.0
+
+
+class ControlError(ReplicationError):
+    def __init__(self, status: int, error: str, details: str = "") -> None:
+        super().__init__(error, op="control")
+        self.status = status
+        self.details = details
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    body: bytes
+
+    def json(self) -> Any:
+        if not self.body:
+            return {}
+        try:
+            return json.loads(self.body)
+        except ValueError as error:
+            raise ControlError(400, "request body is not JSON", str(error)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: Any
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+Routes = Mapping[tuple[str, str], Handler]
+
+
+async def serve_control(
+    path: str, routes: Routes, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    listener = await _listen(path)
+    _log.info("control socket ready", path=path)
+    task_status.started()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        await _serve_one(stream, routes)
+
+    try:
+        async with listener:
+            await trio.serve_listeners(handle, [listener])
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+async def _listen(path: str) -> trio.SocketListener:
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    await _remove_stale(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket file is created 0600, no window where it is not
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    return trio.SocketListener(sock)
+
+
+async def _remove_stale(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ReplicationError(
+            f"control socket path {path} exists and is not a socket",
+            op="control",
+            hint="remove it or set replication.control_socket elsewhere",
+        )
+    try:
+        probe = await trio.open_unix_socket(path)
+    except OSError:
+        os.unlink(path)  # left by a crash: nothing answers
+        return
+    await probe.aclose()
+    raise ReplicationError(
+        f"another process answers on the control socket {path}",
+        op="control",
+        hint="is another replicator node running with this configuration?",
+    )
+
+
+def _peer_uid(stream: trio.SocketStream) -> int | None:
+    try:
+        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+async def _serve_one(stream: trio.SocketStream, routes: Routes) -> None:
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+    try:
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            request = await _read_request(stream, connection)
+            if request is None:
+                return
+            uid = _peer_uid(stream)
+            if uid is not None and uid not in (0, os.getuid()):
+                refusal = _error("forbidden", "only root or the node's user may use this socket")
+                await _send(stream, connection, Response(403, refusal))
+                return
+            response = await _dispatch(request, routes)
+            await _send(stream, connection, response)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as error:
+        _log.debug("control connection dropped", reason=str(error))
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _read_request(stream: trio.SocketStream, connection: h11.Connection) -> Request | None:
+    head: h11.Request | None = None
+    body = bytearray()
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(65536)
+            connection.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            head = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_REQUEST_BYTES:
+                raise h11.RemoteProtocolError("request body too large")
+        elif isinstance(event, h11.EndOfMessage) and head is not None:
+            target = head.target.decode("ascii", "replace").split("?", 1)[0]
+            return Request(head.method.decode("ascii", "replace"), target, bytes(body))
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+
+
+async def _dispatch(request: Request, routes: Routes) -> Response:
+    path = request.path.rstrip("/") or "/"
+    handler = routes.get((request.method, path))
+    if handler is None:
+        known_paths = {route_path for _, route_path in routes}
+        if path in known_paths:
+            return Response(405, _error("method not allowed", f"{request.method} {path}"))
+        return Response(404, _error("not found", f"no such path: {path}"))
+    try:
+        return await handler(request)
+    except ControlError as error:
+        return Response(error.status, _error(error.message, error.details))
+    except ReplicationError as error:
+        return Response(500, _error(error.message, error.hint or ""))
+
+
+def _error(error: str, details: str) -> dict[str, str]:
+    return {"error": error, "details": details}
+
+
+async def _send(stream: trio.SocketStream, connection: h11.Connection, response: Response) -> None:
+    if isinstance(response.body, str | bytes):
+        payload = response.body.encode() if isinstance(response.body, str) else response.body
+        content_type = b"text/plain; version=0.0.4; charset=utf-8"
+    else:
+        payload = json.dumps(response.body, indent=2, default=str).encode() + b"\n"
+        content_type = b"application/json"
+    head = h11.Response(
+        status_code=response.status,
+        headers=[
+            (b"content-type", content_type),
+            (b"content-length", str(len(payload)).encode()),
+            (b"connection", b"close"),
+        ],
+    )
+    await stream.send_all(connection.send(head) + connection.send(h11.Data(data=payload))
+                          + connection.send(h11.EndOfMessage()))  # fmt: skip
