@@ -186,3 +186,55 @@ def test_control_socket_left_by_a_crash_is_replaced(
     node1.start([])
     wait_until(lambda: len(node1.logged("control socket ready")) == 2, what="the restart")
     assert node1.status()["node_id"] == "node1"
+
+
+def origin_sequences(node: NodeProcess) -> dict[str, list[int]]:
+    conn = node.app()
+    try:
+        found: dict[str, list[int]] = {}
+        for origin, seq in conn.execute(
+            "SELECT origin_node, origin_seq FROM _repl_log WHERE op != 0"
+            " ORDER BY origin_node, origin_seq"
+        ):
+            found.setdefault(origin, []).append(seq)
+        return found
+    finally:
+        conn.close()
+
+
+def test_three_node_mesh_converges_and_applies_each_change_once(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    mesh = [NodeProcess(tmp_path, f"node{n}", f"127.0.0.{n}") for n in (1, 2, 3)]
+    nodes += mesh
+    start_all(mesh)
+    for n, node in enumerate(mesh):
+        with node.app() as app:
+            app.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)",
+                            [lease(n * 10_000 + i, f"n{n}-") for i in range(400)])  # fmt: skip
+    wait_until(
+        lambda: all(node.count("dhcp_leases") == 1200 for node in mesh), what="the mesh to converge"
+    )
+    wait_until(lambda: mesh[0].rows("dhcp_leases") == mesh[1].rows("dhcp_leases")
+               == mesh[2].rows("dhcp_leases"), what="identical tables")  # fmt: skip
+    expected = {f"node{n}": list(range(1, 401)) for n in (1, 2, 3)}
+    for node in mesh:
+        assert origin_sequences(node) == expected  # reached by two paths, applied once
+
+
+def test_chain_forwards_writes_from_both_ends(tmp_path: Path, nodes: list[NodeProcess]) -> None:
+    a, b, c = (
+        NodeProcess(tmp_path, name, f"127.0.0.{n}") for n, name in ((1, "a"), (2, "b"), (3, "c"))
+    )
+    nodes += [a, b, c]
+    a.start([b])
+    b.start([a, c])
+    c.start([b])
+    a.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('from-a', '10.0.0.1', 1)")
+    c.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('from-c', '10.0.0.3', 3)")
+    wait_until(
+        lambda: a.count("dhcp_leases") == c.count("dhcp_leases") == b.count("dhcp_leases") == 2,
+        what="both ends' writes to reach the other end",
+    )
+    assert a.rows("dhcp_leases") == c.rows("dhcp_leases")
+    assert not a.logged("peer connected", peer="c")  # a and c never talk directly
