@@ -6,7 +6,11 @@ failing test can neither hang CI nor leave a node running.
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -238,3 +242,91 @@ def test_chain_forwards_writes_from_both_ends(tmp_path: Path, nodes: list[NodePr
     )
     assert a.rows("dhcp_leases") == c.rows("dhcp_leases")
     assert not a.logged("peer connected", peer="c")  # a and c never talk directly
+
+
+def test_unconfigured_node_id_is_refused(tmp_path: Path, nodes: list[NodeProcess]) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
+    stranger = NodeProcess(tmp_path, "node9", "127.0.0.9")
+    nodes += [node1, node2, stranger]
+    node1.start([node2])
+    node2.start([node1])
+    stranger.start([node1])  # holds the key, but node1 does not list it
+    wait_until(
+        lambda: any("'node9' is not a configured peer" in line.get("reason", "")
+                    for line in node1.logged("peer refused")),
+        what="node1 to refuse node9",
+    )  # fmt: skip
+    node1.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('x', '10.0.0.9', 1)")
+    wait_until(lambda: node2.count("dhcp_leases") == 1, what="node1 -> node2 to keep working")
+    assert stranger.count("dhcp_leases") == 0
+
+
+@pytest.mark.parametrize(
+    "behaviour", ["garbage", "oversize length", "silent", "replayed handshake"]
+)
+def test_hostile_client_is_dropped_while_replication_continues(
+    tmp_path: Path, nodes: list[NodeProcess], behaviour: str
+) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
+    nodes += [node1, node2]
+    start_all(nodes)
+    node1.app()  # started
+    with socket.create_connection((node1.host, node1.port), timeout=10) as hostile:
+        if behaviour == "garbage":
+            hostile.sendall(b"\x00\x00\x00\x29" + os.urandom(41))
+        elif behaviour == "oversize length":
+            hostile.sendall(b"\xff\xff\xff\xff")
+        elif behaviour == "replayed handshake":
+            # A well-formed first message with a key id nobody holds.
+            hostile.sendall(b"\x00\x00\x00\x29\x01" + os.urandom(40))
+        # "silent": says nothing; the other sessions must not wait for it
+        node1.app().execute(
+            "INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('during', '10.0.0.5', 1)"
+        )
+        wait_until(lambda: node2.count("dhcp_leases") == 1, what="replication to continue")
+        if behaviour != "silent":
+            hostile.settimeout(10)
+            assert hostile.recv(100) == b""  # dropped, nothing said back
+    wait_until(lambda: bool(node1.logged("incoming connection refused")),
+               what="the refusal in node1's log")  # fmt: skip
+
+
+def test_setting_for_a_feature_not_built_stops_the_node_naming_it(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    config = node.write_config([])
+    config.write_text(config.read_text().replace(
+        "  control_socket", '  filters = { zones = ["lan"] }\n  control_socket'))  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "replicator", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "replication.filters" in result.stderr
+    assert "not supported" in result.stderr
+
+
+def test_frozen_node_catches_up_when_thawed(tmp_path: Path, nodes: list[NodeProcess]) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
+    nodes += [node1, node2]
+    start_all(nodes)
+    one = node1.app()
+    one.execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('before', '192.168.9.1', 1)")
+    wait_until(lambda: node2.count("dhcp_leases") == 1, what="the first lease")
+    assert node2.process is not None
+    node2.process.send_signal(signal.SIGSTOP)
+    try:
+        with one:
+            one.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)",
+                            [lease(i) for i in range(2000)])  # fmt: skip
+        two = node2.app()
+        two.execute("INSERT INTO dns_records (name, type, zone, value) VALUES ('z', 'A', 'l', 'v')")
+    finally:
+        node2.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: node2.count("dhcp_leases") == 2001, what="node2 to catch up")
+    wait_until(lambda: node1.count("dns_records") == 1, what="node2's write made while frozen")
