@@ -37,7 +37,7 @@ from replicator.log import KEY_PEER, get_logger
 from replicator.peer import PeerConnection, PeerDisconnected
 from replicator.store import LogRecord
 
-__all__ = ["Link", "LinkSettings", "PeerStatus"]
+__all__ = ["Link", "LinkSettings", "PauseSwitch", "PeerStatus"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +87,7 @@ class Link:
         apply: Apply,
         wait_for_log: WaitLog,
         vector: Callable[[], dict[Origin, int]],
+        pause: PauseSwitch | None = None,
     ) -> None:
         self.connection = connection
         self.peer = hello.node_id
@@ -98,9 +99,11 @@ class Link:
         self._apply = apply
         self._wait_for_log = wait_for_log
         self._vector = vector
+        self._pause = pause or PauseSwitch()
+        self._owe_resend = False
         self._log = get_logger("link", **{KEY_PEER: hello.node_id})
         status.peer_vector = dict(hello.version_vector)
-        self._in_flight: deque[tuple[int, int]] = deque()
+        self._in_flight: deque[tuple[int, int, float]] = deque()
         self._window_open = trio.Event()
         self._window_open.set()
         self._rewind = False
@@ -133,11 +136,25 @@ class Link:
     async def close(self, reason: str) -> None:
         await self.connection.close(reason)
 
+    async def resumed(self) -> None:
+        """After a pause: ask the peer again for what was dropped meanwhile."""
+        if self._owe_resend:
+            self._owe_resend = False
+            await self.connection.send(Resend(self._vector()))
+
+    @property
+    def lag_seconds(self) -> float:
+        """How long the oldest unacknowledged batch has been waiting for its ack."""
+        if not self._in_flight:
+            return 0.0
+        return time.monotonic() - self._in_flight[0][2]
+
     # -- sending ---------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
         position = 0
         while True:
+            await self._pause.wait_until_running()
             if self._rewind:
                 position, self._rewind = 0, False
             records = await self._read_log(position, self.settings.batch_size)
@@ -192,7 +209,7 @@ class Link:
             await self._send_batch(changes[:middle], [], position)
             await self._send_batch(changes[middle:], skips, position)
             return
-        self._in_flight.append((self._sequence, position))
+        self._in_flight.append((self._sequence, position, time.monotonic()))
         self.status.changes_sent += len(changes)
 
     async def _heartbeat_loop(self) -> None:
@@ -229,7 +246,10 @@ class Link:
             self.status.skew_ms = message.wall_time_ms - hlc.wall_clock_ms()
             _merge(self.status.peer_vector, message.version_vector)
         elif isinstance(message, Resend):
+            # Whatever is in flight will not be acknowledged: start again from its vector.
             self.status.peer_vector = dict(message.version_vector)
+            self._in_flight.clear()
+            self._window_open.set()
             self._rewind = True
         else:
             raise PeerDisconnected(
@@ -237,6 +257,9 @@ class Link:
             )
 
     async def _on_changes(self, batch: Changes) -> None:
+        if self._pause.paused:
+            self._owe_resend = True  # dropped unapplied; asked for again on resume
+            return
         result, vector = await self._apply(batch.changes, batch.skips)
         self.status.changes_received += result.accepted
         await self.connection.send(Ack(vector, batch.sequence))
@@ -246,10 +269,31 @@ class Link:
     def _on_ack(self, ack: Ack) -> None:
         _merge(self.status.peer_vector, ack.version_vector)
         while self._in_flight and self._in_flight[0][0] <= ack.through_sequence:
-            _, position = self._in_flight.popleft()
+            _, position, _ = self._in_flight.popleft()
             self.status.acked_position = max(self.status.acked_position, position)
         if len(self._in_flight) < self.settings.window:
             self._window_open.set()
+
+
+class PauseSwitch:
+    """Pausing stops sending and applying on every link; connections and heartbeats stay up."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self._running = trio.Event()
+        self._running.set()
+
+    def pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self._running = trio.Event()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._running.set()
+
+    async def wait_until_running(self) -> None:
+        await self._running.wait()
 
 
 def _merge(into: dict[Origin, int], vector: dict[Origin, int] | object) -> None:

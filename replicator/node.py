@@ -13,6 +13,7 @@ other, both sides keep the one dialled by the node with the smaller id.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -30,7 +31,7 @@ from replicator.config import Config
 from replicator.control import Request, Response, Routes, serve_control
 from replicator.detector import Detector
 from replicator.errors import ConfigError
-from replicator.link import Link, LinkSettings, PeerStatus
+from replicator.link import Link, LinkSettings, PauseSwitch, PeerStatus
 from replicator.log import KEY_PEER, get_logger
 from replicator.membership import HelloRefused, check_hello, fingerprint, shared_settings
 from replicator.migrations import SCHEMA_VERSION
@@ -106,6 +107,10 @@ class Node:
         self._peer_settings: PeerSettings | None = None
         self._vector_cache: dict[Origin, int] = {}
         self._detector: Detector | None = None
+        self.pause_switch = PauseSwitch()
+        self.promoted = False
+        self.alarms: dict[str, str] = {}
+        self._peer_roles: dict[str, str] = {}
         self.started_at = time.time()
         self.origin: Origin | None = None
 
@@ -125,14 +130,6 @@ class Node:
         detector = Detector(self.store_settings, after=0, batch_size=self.options.link.batch_size)
         detector.position = await trio.to_thread.run_sync(store.log_position)
         replication = self.config.replication
-        _log.info(
-            "node starting",
-            node=self.node_id,
-            mode=replication.mode,
-            listen=f"{replication.listen_host}:{replication.listen_port}",
-            tables=list(self.store_settings.tables),
-            peers=list(self.peers),
-        )
         self._detector = detector
         self.started_at = time.time()
         async with trio.open_nursery() as nursery:
@@ -148,6 +145,14 @@ class Node:
             )
             for peer_id in self.peers:
                 nursery.start_soon(self._dial_loop, peer_id)
+            _log.info(
+                "node started",
+                node=self.node_id,
+                mode=replication.mode,
+                listen=f"{replication.listen_host}:{replication.listen_port}",
+                tables=list(self.store_settings.tables),
+                peers=list(self.peers),
+            )
             task_status.started()
 
     def _prepare(self) -> Store:
@@ -155,6 +160,7 @@ class Node:
         store = Store.open(self.store_settings)
         mode = self.config.replication.mode
         clock = store.clock()
+        self.promoted = clock.promoted
         if mode == "replica" and not clock.promoted:
             store.set_read_only(True)
         elif mode == "replica":
@@ -217,10 +223,60 @@ class Node:
         with trio.move_on_after(self.config.replication.sync.interval):
             await self._log_changed.wait()
 
+    @property
+    def role(self) -> str:
+        """primary, replica, or peer (the multi-writer modes)."""
+        mode = self.config.replication.mode
+        if mode == "primary" or (mode == "replica" and self.promoted):
+            return "primary"
+        return "replica" if mode == "replica" else "peer"
+
+    def _check_split_brain(self) -> None:
+        primaries = sorted(peer for peer, role in self._peer_roles.items() if role == "primary")
+        if self.role == "primary" and primaries:
+            message = f"split brain: {self.node_id} and {', '.join(primaries)} are all primary"
+            if self.alarms.get("split_brain") != message:
+                _log.error("split-brain alarm", primaries=[self.node_id, *primaries])
+            self.alarms["split_brain"] = message
+        else:
+            self.alarms.pop("split_brain", None)
+
     # -- operator view -----------------------------------------------------------------------
 
     def _routes(self) -> Routes:
-        return {("GET", "/api/replication/status"): self._status_route}
+        return {
+            ("GET", "/api/replication/status"): self._status_route,
+            ("POST", "/api/replication/pause"): self._pause_route,
+            ("POST", "/api/replication/resume"): self._resume_route,
+            ("POST", "/api/replication/promote"): self._promote_route,
+        }
+
+    async def _pause_route(self, request: Request) -> Response:
+        self.pause_switch.pause()
+        _log.info("replication paused")
+        return Response(200, {"paused": True})
+
+    async def _resume_route(self, request: Request) -> Response:
+        self.pause_switch.resume()
+        _log.info("replication resumed")
+        for link in list(self.links.values()):
+            with contextlib.suppress(PeerDisconnected):
+                await link.resumed()
+        return Response(200, {"paused": False})
+
+    async def _promote_route(self, request: Request) -> Response:
+        if self.role == "primary":
+            return Response(200, {"role": self.role, "changed": False})
+
+        def promote() -> None:
+            assert self._applier is not None
+            self._applier.store.set_read_only(False, promoted=True)
+
+        await trio.to_thread.run_sync(promote, limiter=self._apply_limiter)
+        self.promoted = True
+        _log.warning("promoted: this node now accepts local writes", node=self.node_id)
+        self._check_split_brain()
+        return Response(200, {"role": self.role, "changed": True})
 
     async def _status_route(self, request: Request) -> Response:
         await trio.to_thread.run_sync(self._vector_now, limiter=self._apply_limiter)
@@ -231,7 +287,16 @@ class Node:
         position = self._detector.position if self._detector is not None else 0
         now = time.time()
         peers = []
+        max_lag = replication.sync.max_lag
         for peer_id, status in self.status.items():
+            link = self.links.get(peer_id)
+            lag = link.lag_seconds if link is not None else 0.0
+            if lag > max_lag:
+                self.alarms[f"max_lag:{peer_id}"] = (
+                    f"{peer_id} has not acknowledged for {lag:.1f}s (max_lag {max_lag:g}s)"
+                )
+            else:
+                self.alarms.pop(f"max_lag:{peer_id}", None)
             peers.append(
                 {
                     "id": peer_id,
@@ -244,6 +309,7 @@ class Node:
                     "sent_position": status.sent_position,
                     "acked_position": status.acked_position,
                     "lag_changes": max(0, position - status.acked_position),
+                    "lag_seconds": round(lag, 3),
                     "skew_ms": status.skew_ms,
                     "bytes_in": status.bytes_in,
                     "bytes_out": status.bytes_out,
@@ -255,6 +321,9 @@ class Node:
         return {
             "node_id": self.node_id,
             "mode": replication.mode,
+            "role": self.role,
+            "paused": self.pause_switch.paused,
+            "alarms": sorted(self.alarms.values()),
             "cluster_id": replication.cluster_id,
             "origin": str(self.origin),
             "listen": f"{replication.listen_host}:{replication.listen_port}",
@@ -341,6 +410,7 @@ class Node:
             apply=self._apply,
             wait_for_log=self._wait_for_log,
             vector=self._last_vector,
+            pause=self.pause_switch,
         )
         self.links[peer_id] = link
         log.info("peer connected", remote=connection.label, dialled_by=dialled_by)
@@ -353,6 +423,8 @@ class Node:
         finally:
             if self.links.get(peer_id) is link:
                 del self.links[peer_id]
+                self._peer_roles.pop(peer_id, None)
+                self._check_split_brain()
             await connection.abort()
 
     async def _exchange_hello(self, connection: PeerConnection) -> Hello:
@@ -361,7 +433,7 @@ class Node:
         hello = Hello(
             node_id=self.node_id,
             incarnation=self.origin.incarnation,
-            capabilities=CAPABILITIES,
+            capabilities=CAPABILITIES | {f"role:{self.role}"},
             schema_version=SCHEMA_VERSION,
             settings_fingerprint=fingerprint(self._settings),
             version_vector=vector,
@@ -373,6 +445,8 @@ class Node:
         if not isinstance(reply, Hello):
             raise HelloRefused(f"expected Hello, got {type(reply).__name__}", op="hello")
         check_hello(reply, local_id=self.node_id, expected=self.peers, settings=self._settings)
+        self._peer_roles[reply.node_id] = _role_of(reply)
+        self._check_split_brain()
         return reply
 
     # -- database work in threads ----------------------------------------------------------
@@ -432,6 +506,13 @@ class _LogReader:
             return store.read_log(after, limit)
         finally:
             store.conn.execute("COMMIT")
+
+
+def _role_of(hello: Hello) -> str:
+    for capability in hello.capabilities:
+        if capability.startswith("role:"):
+            return capability.removeprefix("role:")
+    return "peer"
 
 
 def _read_schema(path: str | None) -> str | None:

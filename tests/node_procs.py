@@ -48,7 +48,9 @@ class NodeProcess:
         secret: str = SECRET,
         strategy: str = "timestamp",
         tables: str = "dhcp_leases = true, dns_records = true",
+        mode: str = "active-active",
     ) -> None:
+        self.mode = mode
         self.directory = directory / node_id
         self.directory.mkdir(parents=True, exist_ok=True)
         self.node_id = node_id
@@ -74,7 +76,7 @@ state {{
   schema = "schema.sql"
 }}
 replication {{
-  mode        = "active-active"
+  mode        = "{self.mode}"
   node_id     = "{self.node_id}"
   cluster_id  = "test"
   listen_addr = "{self.host}:{self.port}"
@@ -116,7 +118,7 @@ replication {{
 
     def app(self) -> sqlite3.Connection:
         """An application connection: plain sqlite3, as the appliance's own code would use."""
-        wait_until(lambda: bool(self.logged("node starting")), what=f"{self.node_id} to start")
+        wait_until(lambda: bool(self.logged("node started")), what=f"{self.node_id} to start")
         conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=10)
         conn.execute("PRAGMA busy_timeout = 10000")
         return conn
@@ -136,6 +138,11 @@ replication {{
                 data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
         return int(head.split()[1]), json.loads(body)
+
+    def post(self, path: str) -> dict[str, Any]:
+        code, body = self.api("POST", path)
+        assert code == 200, body
+        return dict(body)
 
     def status(self) -> dict[str, Any]:
         code, body = self.api("GET", "/api/replication/status")

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -330,3 +332,49 @@ def test_frozen_node_catches_up_when_thawed(tmp_path: Path, nodes: list[NodeProc
         node2.process.send_signal(signal.SIGCONT)
     wait_until(lambda: node2.count("dhcp_leases") == 2001, what="node2 to catch up")
     wait_until(lambda: node1.count("dns_records") == 1, what="node2's write made while frozen")
+
+
+def test_replica_refuses_local_writes_until_promoted_and_remembers_it(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    primary = NodeProcess(tmp_path, "node1", "127.0.0.1", mode="primary")
+    replica = NodeProcess(tmp_path, "node2", "127.0.0.2", mode="replica")
+    nodes += [primary, replica]
+    start_all(nodes)
+    primary.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('p', '10.0.0.1', 1)")
+    wait_until(lambda: replica.count("dhcp_leases") == 1, what="primary -> replica")
+    with pytest.raises(sqlite3.IntegrityError, match="read-only on this replica"):
+        replica.app().execute(
+            "INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('r', '10.0.0.2', 1)"
+        )
+    assert replica.status()["role"] == "replica"
+    assert replica.post("/api/replication/promote") == {"role": "primary", "changed": True}
+    replica.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('r', '10.0.0.2', 1)")
+    wait_until(lambda: primary.count("dhcp_leases") == 2, what="the promoted node's write")
+    assert any("split brain" in alarm for alarm in replica.status()["alarms"])
+    assert replica.stop() == 0
+    replica.start([primary])  # still configured as replica, but the database says promoted
+    wait_until(lambda: len(replica.logged("node started")) == 2, what="the restart")
+    assert replica.status()["role"] == "primary"
+    replica.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('s', '10.0.0.3', 1)")
+
+
+def test_paused_node_neither_sends_nor_applies_until_resumed(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
+    nodes += [node1, node2]
+    start_all(nodes)
+    node1.app()
+    wait_until(lambda: node1.status()["peers"][0]["state"] == "connected", what="the link")
+    assert node1.post("/api/replication/pause") == {"paused": True}
+    node1.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('a', '10.0.0.1', 1)")
+    node2.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('b', '10.0.0.2', 1)")
+    time.sleep(1.0)
+    assert node1.count("dhcp_leases") == 1
+    assert node2.count("dhcp_leases") == 1
+    assert node1.status()["paused"] is True
+    assert node1.post("/api/replication/resume") == {"paused": False}
+    wait_until(lambda: node1.count("dhcp_leases") == node2.count("dhcp_leases") == 2,
+               what="both writes everywhere after resume")  # fmt: skip
