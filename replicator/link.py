@@ -102,7 +102,17 @@ class Link:
         self._pause = pause or PauseSwitch()
         self._owe_resend = False
         self._log = get_logger("link", **{KEY_PEER: hello.node_id})
+        # Resume where the peer's acknowledgements left off, unless it now holds less than it
+        # acknowledged (restored from a backup, say): then scan the log from the start.
+        regressed = any(
+            hello.version_vector.get(origin, 0) < seq for origin, seq in status.peer_vector.items()
+        )
+        self._start_position = 0 if regressed else status.acked_position
+        if regressed:
+            status.acked_position = 0
         status.peer_vector = dict(hello.version_vector)
+        # What the peer holds or has been sent (ahead of its acks): the sender's filter.
+        self._have = dict(hello.version_vector)
         self._in_flight: deque[tuple[int, int, float]] = deque()
         self._window_open = trio.Event()
         self._window_open.set()
@@ -152,7 +162,7 @@ class Link:
     # -- sending ---------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
-        position = 0
+        position = self._start_position
         while True:
             await self._pause.wait_until_running()
             if self._rewind:
@@ -169,7 +179,7 @@ class Link:
 
     def _lacking(self, records: list[LogRecord]) -> tuple[list[Change], list[Skip]]:
         """Entries the peer does not hold yet (its own writes never go back to it)."""
-        have = self.status.peer_vector
+        have = self._have
         changes: list[Change] = []
         skips: list[Skip] = []
         for record in records:
@@ -245,9 +255,11 @@ class Link:
         elif isinstance(message, Heartbeat):
             self.status.skew_ms = message.wall_time_ms - hlc.wall_clock_ms()
             _merge(self.status.peer_vector, message.version_vector)
+            _merge(self._have, message.version_vector)  # it may hold more, from other peers
         elif isinstance(message, Resend):
             # Whatever is in flight will not be acknowledged: start again from its vector.
             self.status.peer_vector = dict(message.version_vector)
+            self._have = dict(message.version_vector)
             self._in_flight.clear()
             self._window_open.set()
             self._rewind = True
@@ -268,6 +280,7 @@ class Link:
 
     def _on_ack(self, ack: Ack) -> None:
         _merge(self.status.peer_vector, ack.version_vector)
+        _merge(self._have, ack.version_vector)
         while self._in_flight and self._in_flight[0][0] <= ack.through_sequence:
             _, position, _ = self._in_flight.popleft()
             self.status.acked_position = max(self.status.acked_position, position)
