@@ -34,6 +34,15 @@ def start_all(nodes: list[NodeProcess]) -> None:
         node.start([peer for peer in nodes if peer is not node])
 
 
+def start_pair(tmp_path: Path, nodes: list[NodeProcess]) -> tuple[NodeProcess, NodeProcess]:
+    """node1 on 127.0.0.1 and node2 on 127.0.0.2, peers of each other, both started."""
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
+    nodes += [node1, node2]
+    start_all(nodes)
+    return node1, node2
+
+
 def lease(i: int, prefix: str = "m") -> tuple[str, str, int]:
     return (f"{prefix}{i:06d}", f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1_800_000_000 + i)
 
@@ -41,10 +50,7 @@ def lease(i: int, prefix: str = "m") -> tuple[str, str, int]:
 def test_two_nodes_replicate_writes_made_on_both_sides(
     tmp_path: Path, nodes: list[NodeProcess]
 ) -> None:
-    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
-    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
-    nodes += [node1, node2]
-    start_all(nodes)
+    node1, node2 = start_pair(tmp_path, nodes)
     one, two = node1.app(), node2.app()
     with one:
         one.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)",
@@ -73,10 +79,7 @@ def test_two_nodes_replicate_writes_made_on_both_sides(
 def test_replicator_stopped_while_its_application_writes_misses_nothing(
     tmp_path: Path, nodes: list[NodeProcess]
 ) -> None:
-    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
-    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
-    nodes += [node1, node2]
-    start_all(nodes)
+    node1, node2 = start_pair(tmp_path, nodes)
     one = node1.app()
     one.execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('first', '192.168.0.1', 1)")
     wait_until(lambda: node2.count("dhcp_leases") == 1, what="the first lease on node2")
@@ -92,10 +95,7 @@ def test_replicator_stopped_while_its_application_writes_misses_nothing(
 def test_kill_9_of_a_receiving_node_loses_and_duplicates_nothing(
     tmp_path: Path, nodes: list[NodeProcess]
 ) -> None:
-    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
-    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
-    nodes += [node1, node2]
-    start_all(nodes)
+    node1, node2 = start_pair(tmp_path, nodes)
     one = node1.app()
     for batch in range(10):
         with one:
@@ -155,10 +155,7 @@ def test_peer_with_other_settings_is_refused_naming_the_difference(
 def test_status_on_the_control_socket_shows_peers_and_their_progress(
     tmp_path: Path, nodes: list[NodeProcess]
 ) -> None:
-    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
-    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
-    nodes += [node1, node2]
-    start_all(nodes)
+    node1, node2 = start_pair(tmp_path, nodes)
     with node1.app() as one:
         one.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)",
                         [lease(i) for i in range(300)])  # fmt: skip
@@ -270,10 +267,7 @@ def test_unconfigured_node_id_is_refused(tmp_path: Path, nodes: list[NodeProcess
 def test_hostile_client_is_dropped_while_replication_continues(
     tmp_path: Path, nodes: list[NodeProcess], behaviour: str
 ) -> None:
-    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
-    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
-    nodes += [node1, node2]
-    start_all(nodes)
+    node1, node2 = start_pair(tmp_path, nodes)
     node1.app()  # started
     with socket.create_connection((node1.host, node1.port), timeout=10) as hostile:
         if behaviour == "garbage":
@@ -313,10 +307,7 @@ def test_setting_for_a_feature_not_built_stops_the_node_naming_it(tmp_path: Path
 
 
 def test_frozen_node_catches_up_when_thawed(tmp_path: Path, nodes: list[NodeProcess]) -> None:
-    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
-    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
-    nodes += [node1, node2]
-    start_all(nodes)
+    node1, node2 = start_pair(tmp_path, nodes)
     one = node1.app()
     one.execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('before', '192.168.9.1', 1)")
     wait_until(lambda: node2.count("dhcp_leases") == 1, what="the first lease")
@@ -362,10 +353,7 @@ def test_replica_refuses_local_writes_until_promoted_and_remembers_it(
 def test_paused_node_neither_sends_nor_applies_until_resumed(
     tmp_path: Path, nodes: list[NodeProcess]
 ) -> None:
-    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
-    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
-    nodes += [node1, node2]
-    start_all(nodes)
+    node1, node2 = start_pair(tmp_path, nodes)
     node1.app()
     wait_until(lambda: node1.status()["peers"][0]["state"] == "connected", what="the link")
     assert node1.post("/api/replication/pause") == {"paused": True}
