@@ -94,7 +94,9 @@ replication {{
         return config
 
     def start(self, peers: list[NodeProcess]) -> None:
-        config = self.write_config(peers)
+        self.start_with_config(self.write_config(peers))
+
+    def start_with_config(self, config: Path) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "replicator", "run", "-c", str(config), "--log-format", "json"],

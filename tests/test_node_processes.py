@@ -6,12 +6,14 @@ failing test can neither hang CI nor leave a node running.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -366,3 +368,85 @@ def test_paused_node_neither_sends_nor_applies_until_resumed(
     assert node1.post("/api/replication/resume") == {"paused": False}
     wait_until(lambda: node1.count("dhcp_leases") == node2.count("dhcp_leases") == 2,
                what="both writes everywhere after resume")  # fmt: skip
+
+
+class RecordingProxy:
+    """A TCP relay that keeps every byte the dialling side sent, to replay it later."""
+
+    def __init__(self, host: str, target: tuple[str, int]) -> None:
+        self.listener = socket.create_server((host, 0))
+        self.address = self.listener.getsockname()
+        self.target = target
+        self.recorded = bytearray()
+        self._sockets: list[socket.socket] = [self.listener]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._thread.join(5)
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            client, _ = self.listener.accept()
+            self._sockets.append(client)
+            upstream = socket.create_connection(self.target, timeout=30)
+            self._sockets.append(upstream)
+            self._relay(client, upstream)
+
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+
+        def pump(source: socket.socket, sink: socket.socket, record: bool) -> None:
+            with contextlib.suppress(OSError):
+                while data := source.recv(65536):
+                    if record:
+                        self.recorded += data
+                    sink.sendall(data)
+
+        threading.Thread(target=pump, args=(upstream, client, False), daemon=True).start()
+        pump(client, upstream, True)
+
+
+def test_replayed_session_bytes_are_refused_while_replication_continues(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
+    nodes += [node1, node2]
+    node1.start([node2])  # node1 listens; node2 dials it through the recording proxy
+    node1.app()
+    proxy = RecordingProxy("127.0.0.2", (node1.host, node1.port))
+    try:
+        replay_through(proxy, node1, node2)
+    finally:
+        proxy.close()
+
+
+def replay_through(proxy: RecordingProxy, node1: NodeProcess, node2: NodeProcess) -> None:
+    config = node2.write_config([])
+    config.write_text(config.read_text().replace(
+        "  peers = [\n\n  ]",
+        f'  peers = [ {{ id = "node1", address = "{proxy.address[0]}:{proxy.address[1]}" }} ]',
+    ))  # fmt: skip
+    node2.start_with_config(config)
+    node2.app()  # started
+    node1.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('a', '10.0.0.1', 1)")
+    wait_until(lambda: node2.count("dhcp_leases") == 1, what="replication through the proxy")
+    wait_until(lambda: len(proxy.recorded) > 200, what="some recorded traffic")
+    with socket.create_connection((node1.host, node1.port), timeout=10) as replay:
+        replay.sendall(bytes(proxy.recorded))
+        received = b""
+        while chunk := replay.recv(1 << 16):  # until node1 drops the connection
+            received += chunk
+        # At most its fresh handshake reply: nothing that could be opened with old keys.
+        assert len(received) <= 4 + 72
+    wait_until(
+        lambda: any("authentication failed" in line.get("reason", "")
+                    for line in node1.logged("incoming connection refused")),
+        what="node1 to log the failed replay",
+    )  # fmt: skip
+    node1.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('b', '10.0.0.2', 1)")
+    wait_until(lambda: node2.count("dhcp_leases") == 2, what="replication to continue")
