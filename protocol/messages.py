@@ -424,23 +424,43 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Liveness, clock skew (wall time in ms), progress and table checksums."""
+    """Liveness, clock skew (wall time in ms), progress and table checksums.
+
+    ``known`` is every node the sender knows of, with that node's vector and the wall time
+    the node reported it (the sender's own entry is fresh; the rest are relayed), so the
+    cluster-wide minimum reaches nodes that never talk directly, as in a chain. A configured
+    peer the sender never heard from is listed with an empty vector: it holds nothing yet.
+    """
 
     TYPE: ClassVar[int] = 4
     wall_time_ms: int
     version_vector: VersionVector
     table_checksums: Mapping[str, bytes]
+    known: Mapping[str, tuple[int, VersionVector]] = field(default_factory=dict)
 
     def to_wire(self) -> list[Any]:
-        return [self.wall_time_ms, _vector_to_wire(self.version_vector), dict(self.table_checksums)]
+        return [
+            self.wall_time_ms,
+            _vector_to_wire(self.version_vector),
+            dict(self.table_checksums),
+            [[node, at, _vector_to_wire(vector)] for node, (at, vector) in self.known.items()],
+        ]
 
     @classmethod
     def from_wire(cls, value: Any) -> Self:
-        wall, vector, checksums = _fields(value, cls, 3)
+        wall, vector, checksums, known = _fields(value, cls, 4)
+        nodes: dict[str, tuple[int, VersionVector]] = {}
+        for entry in want_list(known, "Heartbeat known nodes", max_len=MAX_ORIGINS):
+            node, at, node_vector = want_list(entry, "Heartbeat node", min_len=3, max_len=3)
+            nodes[want_name(node, "Heartbeat node id")] = (
+                want_int(at, "Heartbeat node time"),
+                _vector_from_wire(node_vector, "Heartbeat node vector"),
+            )
         return cls(
             want_int(wall, "Heartbeat wall time"),
             _vector_from_wire(vector, "Heartbeat version vector"),
             _checksums_from_wire(checksums, "Heartbeat checksums"),
+            nodes,
         )
 
 

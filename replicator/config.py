@@ -433,6 +433,7 @@ class SyncConfig:
     interval: float = 1.0
     batch_size: int = 1000
     max_lag: float = 10.0
+    truncate_interval: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,6 +542,7 @@ def _replication(section: _Section, base: Path) -> ReplicationConfig:
         interval=sync.duration("interval", 1.0),
         batch_size=sync.integer("batch_size", 1000, 1, 100_000),
         max_lag=sync.duration("max_lag", 10.0),
+        truncate_interval=sync.duration("truncate_interval", 30.0),
     )
     sync.done()
     data = section.section("data")

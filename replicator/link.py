@@ -34,6 +34,7 @@ from protocol import (
 from replicator import hlc
 from replicator.applier import ApplyResult
 from replicator.log import KEY_PEER, get_logger
+from replicator.membership import ClusterView
 from replicator.peer import PeerConnection, PeerDisconnected
 from replicator.store import LogRecord
 
@@ -87,6 +88,7 @@ class Link:
         apply: Apply,
         wait_for_log: WaitLog,
         vector: Callable[[], dict[Origin, int]],
+        cluster: ClusterView,
         pause: PauseSwitch | None = None,
     ) -> None:
         self.connection = connection
@@ -99,6 +101,7 @@ class Link:
         self._apply = apply
         self._wait_for_log = wait_for_log
         self._vector = vector
+        self._cluster = cluster
         self._pause = pause or PauseSwitch()
         self._owe_resend = False
         self._log = get_logger("link", **{KEY_PEER: hello.node_id})
@@ -224,7 +227,9 @@ class Link:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await self.connection.send(Heartbeat(hlc.wall_clock_ms(), self._vector(), {}))
+            now, vector = hlc.wall_clock_ms(), self._vector()
+            heartbeat = Heartbeat(now, vector, {}, self._cluster.snapshot(vector, now))
+            await self.connection.send(heartbeat)
             await trio.sleep(self.settings.heartbeat_interval)
 
     # -- receiving -------------------------------------------------------------------------
@@ -256,6 +261,7 @@ class Link:
             self.status.skew_ms = message.wall_time_ms - hlc.wall_clock_ms()
             _merge(self.status.peer_vector, message.version_vector)
             _merge(self._have, message.version_vector)  # it may hold more, from other peers
+            self._cluster.merge(message.known)
         elif isinstance(message, Resend):
             # Whatever is in flight will not be acknowledged: start again from its vector.
             self.status.peer_vector = dict(message.version_vector)

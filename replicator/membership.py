@@ -12,12 +12,12 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 
-from protocol import Hello
+from protocol import Hello, Origin
 from replicator.config import ReplicationConfig
 from replicator.errors import ReplicationError
 from replicator.tables import TableInfo
 
-__all__ = ["HelloRefused", "check_hello", "fingerprint", "shared_settings"]
+__all__ = ["ClusterView", "HelloRefused", "check_hello", "fingerprint", "shared_settings"]
 
 
 class HelloRefused(ReplicationError):
@@ -84,3 +84,40 @@ def check_hello(
         peer=hello.node_id,
         hint="replicated tables, their columns and the conflict settings must match",
     )
+
+
+class ClusterView:
+    """What this node knows every node of the cluster holds, gossiped in heartbeats.
+
+    Each entry is a node's version vector stamped with the wall time that node reported it;
+    the freshest report wins, so a node that lost data (restored from a backup) is seen to
+    hold less. Configured peers start with an empty vector: until they report, they hold
+    nothing, and nothing may be forgotten on their account.
+    """
+
+    def __init__(self, node_id: str, peers: Iterable[str]) -> None:
+        self.node_id = node_id
+        self._known: dict[str, tuple[int, dict[Origin, int]]] = {peer: (0, {}) for peer in peers}
+
+    def snapshot(
+        self, own_vector: Mapping[Origin, int], now_ms: int
+    ) -> dict[str, tuple[int, dict[Origin, int]]]:
+        return {**self._known, self.node_id: (now_ms, dict(own_vector))}
+
+    def merge(self, known: Mapping[str, tuple[int, Mapping[Origin, int]]]) -> None:
+        for node, (reported_at, vector) in known.items():
+            if node == self.node_id:
+                continue
+            current = self._known.get(node)
+            if current is None or reported_at > current[0]:
+                self._known[node] = (reported_at, dict(vector))
+
+    def floor(self, own_vector: Mapping[Origin, int]) -> dict[Origin, int]:
+        """Per origin, the sequence every known node holds (origins at 0 left out)."""
+        floor = dict(own_vector)
+        for _, vector in self._known.values():
+            floor = {origin: min(seq, vector.get(origin, 0)) for origin, seq in floor.items()}
+        return {origin: seq for origin, seq in floor.items() if seq > 0}
+
+    def nodes(self) -> list[str]:
+        return sorted({self.node_id, *self._known})

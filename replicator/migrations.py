@@ -128,6 +128,20 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        2,
+        "per-origin log floor",
+        """
+        -- Entries of an origin at or below this sequence were truncated from _repl_log (every
+        -- node held them); a peer that lacks them needs a snapshot, not the log.
+        CREATE TABLE _repl_log_floor (
+            origin_node TEXT    NOT NULL,
+            origin_inc  INTEGER NOT NULL,
+            seq         INTEGER NOT NULL,
+            PRIMARY KEY (origin_node, origin_inc)
+        ) WITHOUT ROWID;
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -33,7 +33,13 @@ from replicator.detector import Detector
 from replicator.errors import ConfigError
 from replicator.link import Link, LinkSettings, PauseSwitch, PeerStatus
 from replicator.log import KEY_PEER, get_logger
-from replicator.membership import HelloRefused, check_hello, fingerprint, shared_settings
+from replicator.membership import (
+    ClusterView,
+    HelloRefused,
+    check_hello,
+    fingerprint,
+    shared_settings,
+)
 from replicator.migrations import SCHEMA_VERSION
 from replicator.peer import PeerConnection, PeerDisconnected, PeerSettings
 from replicator.resolvers import Resolver, make_resolver
@@ -100,6 +106,7 @@ class Node:
             schema_sql=_read_schema(config.state.schema),
         )
         self.links: dict[str, Link] = {}
+        self.cluster = ClusterView(self.node_id, self.peers)
         self._log_changed = trio.Event()
         self._apply_limiter = trio.CapacityLimiter(1)
         self._applier: Applier | None = None
@@ -135,6 +142,7 @@ class Node:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_control, replication.control_socket, self._routes())
             nursery.start_soon(self._watch_log, detector)
+            nursery.start_soon(self._truncate_log_periodically)
             await nursery.start(
                 functools.partial(
                     trio.serve_tcp,
@@ -240,6 +248,20 @@ class Node:
             self.alarms["split_brain"] = message
         else:
             self.alarms.pop("split_brain", None)
+
+    async def _truncate_log_periodically(self) -> None:
+        while True:
+            await trio.sleep(self.config.replication.sync.truncate_interval)
+            await trio.to_thread.run_sync(self._vector_now, limiter=self._apply_limiter)
+            floor = self.cluster.floor(self._vector_cache)
+            if not floor:
+                continue
+            assert self._applier is not None
+            removed = await trio.to_thread.run_sync(
+                self._applier.store.truncate_log, floor, limiter=self._apply_limiter
+            )
+            if removed:
+                _log.info("log truncated below the cluster-wide floor", entries=removed)
 
     # -- operator view -----------------------------------------------------------------------
 
@@ -391,6 +413,19 @@ class Node:
             return
         peer_id = hello.node_id
         log = _log.bind(**{KEY_PEER: peer_id})
+        missing = await trio.to_thread.run_sync(
+            self._below_floor, hello, limiter=self._apply_limiter
+        )
+        if missing:
+            message = (
+                f"{peer_id} lacks entries this node's log no longer holds ({missing}); "
+                "it needs a full resync from a snapshot"
+            )
+            self.alarms[f"needs_snapshot:{peer_id}"] = message
+            log.error("peer below the log floor", origins=missing)
+            await connection.close("needs a snapshot")
+            return
+        self.alarms.pop(f"needs_snapshot:{peer_id}", None)
         preferred = min(self.node_id, peer_id)
         dialled_by = initiator if initiator is not None else peer_id
         existing = self.links.get(peer_id)
@@ -410,6 +445,7 @@ class Node:
             apply=self._apply,
             wait_for_log=self._wait_for_log,
             vector=self._last_vector,
+            cluster=self.cluster,
             pause=self.pause_switch,
         )
         self.links[peer_id] = link
@@ -476,6 +512,15 @@ class Node:
         vector = self._applier.store.version_vector()
         self._vector_cache = vector
         return result, vector
+
+    def _below_floor(self, hello: Hello) -> list[str]:
+        assert self._applier is not None
+        floor = self._applier.store.log_floor()
+        return [
+            str(origin)
+            for origin, seq in floor.items()
+            if hello.version_vector.get(origin, 0) < seq
+        ]
 
     def _vector_now(self) -> dict[Origin, int]:
         assert self._applier is not None

@@ -78,7 +78,9 @@ def every_message() -> list[Message]:
         ),
         Changes(node_id="node1", sequence=10, timestamp=1, changes=()),
         Ack(VECTOR, 9),
-        Heartbeat(1_700_000_000_123, VECTOR, {"dhcp_leases": b"\xab" * 16}),
+        Heartbeat(
+            1_700_000_000_123, VECTOR, {"dhcp_leases": b"\xab" * 16}, {"node3": (5, {NODE1: 40})}
+        ),
         SnapshotBegin(
             5,
             VECTOR,

@@ -49,8 +49,10 @@ class NodeProcess:
         strategy: str = "timestamp",
         tables: str = "dhcp_leases = true, dns_records = true",
         mode: str = "active-active",
+        truncate_interval: str = "30s",
     ) -> None:
         self.mode = mode
+        self.truncate_interval = truncate_interval
         self.directory = directory / node_id
         self.directory.mkdir(parents=True, exist_ok=True)
         self.node_id = node_id
@@ -84,7 +86,7 @@ replication {{
 {peer_lines}
   ]
   auth = {{ secret_key = "{self.secret}" }}
-  sync = {{ interval = "200ms", batch_size = 500 }}
+  sync = {{ interval = "200ms", batch_size = 500, truncate_interval = "{self.truncate_interval}" }}
   data = {{ {self.tables} }}
   conflict_resolution = {{ strategy = "{self.strategy}" }}
   control_socket = "control.sock"

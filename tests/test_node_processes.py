@@ -450,3 +450,39 @@ def replay_through(proxy: RecordingProxy, node1: NodeProcess, node2: NodeProcess
     )  # fmt: skip
     node1.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('b', '10.0.0.2', 1)")
     wait_until(lambda: node2.count("dhcp_leases") == 2, what="replication to continue")
+
+
+def log_size(node: NodeProcess) -> int:
+    conn = node.app()
+    try:
+        return int(conn.execute("SELECT count(*) FROM _repl_log").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_logs_are_truncated_only_below_the_cluster_wide_floor(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    a, b, c = (NodeProcess(tmp_path, name, f"127.0.0.{n}", truncate_interval="300ms")
+               for n, name in ((1, "a"), (2, "b"), (3, "c")))  # fmt: skip
+    nodes += [a, b, c]
+    a.start([b])
+    b.start([a, c])
+    c.start([b])
+    with a.app() as app:
+        app.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)",
+                        [lease(i) for i in range(500)])  # fmt: skip
+    wait_until(lambda: c.count("dhcp_leases") == 500, what="the chain to deliver")
+    # Every node holds everything: a's log can go, though a never talks to c.
+    wait_until(lambda: log_size(a) == 0, what="a to truncate its log")
+    assert a.logged("log truncated below the cluster-wide floor")
+    c.stop(signal.SIGKILL)
+    with a.app() as app:
+        app.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)",
+                        [lease(i) for i in range(1000, 1100)])  # fmt: skip
+    wait_until(lambda: b.count("dhcp_leases") == 600, what="b to receive the new leases")
+    time.sleep(1.5)  # several truncation rounds
+    assert log_size(a) == 100  # c has not confirmed them: a keeps them
+    c.start([b])
+    wait_until(lambda: c.count("dhcp_leases") == 600, what="c to catch up after restart")
+    wait_until(lambda: log_size(a) == 0, what="a to truncate once c confirmed")
