@@ -486,3 +486,24 @@ def test_logs_are_truncated_only_below_the_cluster_wide_floor(
     c.start([b])
     wait_until(lambda: c.count("dhcp_leases") == 600, what="c to catch up after restart")
     wait_until(lambda: log_size(a) == 0, what="a to truncate once c confirmed")
+
+
+def test_peer_that_lost_truncated_entries_is_told_it_needs_a_snapshot(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    a = NodeProcess(tmp_path, "a", "127.0.0.1", truncate_interval="300ms")
+    b = NodeProcess(tmp_path, "b", "127.0.0.2", truncate_interval="300ms")
+    nodes += [a, b]
+    start_all(nodes)
+    with a.app() as app:
+        app.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)",
+                        [lease(i) for i in range(100)])  # fmt: skip
+    wait_until(lambda: b.count("dhcp_leases") == 100, what="b to receive the leases")
+    wait_until(lambda: log_size(a) == 0, what="a to truncate its log")
+    b.stop(signal.SIGKILL)
+    for leftover in b.directory.glob("state.db*"):
+        leftover.unlink()  # b's disk was replaced: it starts empty
+    b.start([a])
+    wait_until(lambda: bool(a.logged("peer below the log floor", peer="b")),
+               what="a to refuse b")  # fmt: skip
+    assert any("needs a full resync" in alarm for alarm in a.status()["alarms"])
