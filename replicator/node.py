@@ -143,6 +143,7 @@ class Node:
             await nursery.start(serve_control, replication.control_socket, self._routes())
             nursery.start_soon(self._watch_log, detector)
             nursery.start_soon(self._truncate_log_periodically)
+            nursery.start_soon(self._watch_lag)
             await nursery.start(
                 functools.partial(
                     trio.serve_tcp,
@@ -249,6 +250,25 @@ class Node:
         else:
             self.alarms.pop("split_brain", None)
 
+    async def _watch_lag(self) -> None:
+        """Raise (and log) an alarm while a peer leaves a batch unacknowledged past max_lag."""
+        max_lag = self.config.replication.sync.max_lag
+        while True:
+            for peer_id in self.peers:
+                link = self.links.get(peer_id)
+                lag = link.lag_seconds if link is not None else 0.0
+                name = f"max_lag:{peer_id}"
+                if lag > max_lag:
+                    if name not in self.alarms:
+                        _log.warning("replication lag above max_lag", lag_seconds=round(lag, 1),
+                                     max_lag=max_lag, **{KEY_PEER: peer_id})  # fmt: skip
+                    self.alarms[name] = (
+                        f"{peer_id} has not acknowledged for {lag:.1f}s (max_lag {max_lag:g}s)"
+                    )
+                elif self.alarms.pop(name, None) is not None:
+                    _log.info("replication lag back under max_lag", **{KEY_PEER: peer_id})
+            await trio.sleep(min(1.0, max_lag / 2))
+
     async def _truncate_log_periodically(self) -> None:
         while True:
             await trio.sleep(self.config.replication.sync.truncate_interval)
@@ -309,16 +329,9 @@ class Node:
         position = self._detector.position if self._detector is not None else 0
         now = time.time()
         peers = []
-        max_lag = replication.sync.max_lag
         for peer_id, status in self.status.items():
             link = self.links.get(peer_id)
             lag = link.lag_seconds if link is not None else 0.0
-            if lag > max_lag:
-                self.alarms[f"max_lag:{peer_id}"] = (
-                    f"{peer_id} has not acknowledged for {lag:.1f}s (max_lag {max_lag:g}s)"
-                )
-            else:
-                self.alarms.pop(f"max_lag:{peer_id}", None)
             peers.append(
                 {
                     "id": peer_id,

@@ -50,7 +50,9 @@ class NodeProcess:
         tables: str = "dhcp_leases = true, dns_records = true",
         mode: str = "active-active",
         truncate_interval: str = "30s",
+        max_lag: str = "10s",
     ) -> None:
+        self.max_lag = max_lag
         self.mode = mode
         self.truncate_interval = truncate_interval
         self.directory = directory / node_id
@@ -86,7 +88,8 @@ replication {{
 {peer_lines}
   ]
   auth = {{ secret_key = "{self.secret}" }}
-  sync = {{ interval = "200ms", batch_size = 500, truncate_interval = "{self.truncate_interval}" }}
+  sync = {{ interval = "200ms", batch_size = 500, truncate_interval = "{self.truncate_interval}",
+           max_lag = "{self.max_lag}" }}
   data = {{ {self.tables} }}
   conflict_resolution = {{ strategy = "{self.strategy}" }}
   control_socket = "control.sock"
@@ -133,6 +136,7 @@ replication {{
 
     def api(self, method: str, path: str) -> tuple[int, Any]:
         """One request on the control socket, as curl --unix-socket would make it."""
+        wait_until(self.control_socket.exists, what=f"{self.node_id}'s control socket")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.settimeout(10)
             client.connect(str(self.control_socket))

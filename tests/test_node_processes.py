@@ -507,3 +507,26 @@ def test_peer_that_lost_truncated_entries_is_told_it_needs_a_snapshot(
     wait_until(lambda: bool(a.logged("peer below the log floor", peer="b")),
                what="a to refuse b")  # fmt: skip
     assert any("needs a full resync" in alarm for alarm in a.status()["alarms"])
+
+
+def test_lag_beyond_max_lag_raises_an_alarm_that_clears_when_the_peer_catches_up(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1", max_lag="500ms")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2", max_lag="500ms")
+    nodes += [node1, node2]
+    start_all(nodes)
+    node2.app()
+    wait_until(lambda: node1.status()["peers"][0]["state"] == "connected", what="the link")
+    assert node2.process is not None
+    node2.process.send_signal(signal.SIGSTOP)
+    try:
+        node1.app().execute(
+            "INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('l', '10.0.0.1', 1)"
+        )
+        wait_until(lambda: any("max_lag" in alarm for alarm in node1.status()["alarms"]),
+                   what="the lag alarm")  # fmt: skip
+        assert node1.logged("replication lag above max_lag", peer="node2")
+    finally:
+        node2.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: node1.status()["alarms"] == [], what="the alarm to clear")
