@@ -79,6 +79,33 @@ class Detector:
             self._pending = True
         return records
 
+    def poll_position(self) -> int | None:
+        """Blocking: the new end of the log if it moved since the last call, else None.
+
+        For callers that read the log themselves (each link does): nothing is decoded here.
+        """
+        store = self._store
+        if store is None:
+            store = self._store = Store.open(self.settings, prepare=False)
+            self._refresh_triggers(store, recapture_after=self.position)
+        version = store.data_version()
+        if version == self._data_version:
+            return None
+        self._data_version = version
+        read_from = self.position
+        store.conn.execute("BEGIN")
+        try:
+            schema_version = store.schema_version()
+            position = store.log_position()
+        finally:
+            store.conn.execute("COMMIT")
+        if schema_version != self._schema_version:
+            self._refresh_triggers(store, recapture_after=read_from)
+        if position <= self.position:
+            return None
+        self.position = position
+        return position
+
     def _refresh_triggers(self, store: Store, recapture_after: int) -> None:
         changed, self._schema_version = store.refresh_triggers(recapture_after=recapture_after)
         if changed:

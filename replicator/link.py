@@ -142,7 +142,6 @@ class Link:
                 first = first.exceptions[0]
             raise first from None
         finally:
-            self.status.state = "disconnected"
             self.status.bytes_in = self.connection.bytes_received
             self.status.bytes_out = self.connection.bytes_sent
 

@@ -92,7 +92,9 @@ def unbuilt_settings(config: Config) -> list[str]:
 class Node:
     def __init__(self, config: Config, options: NodeOptions | None = None) -> None:
         self.config = config
-        self.options = options or NodeOptions()
+        self.options = options or NodeOptions(
+            link=LinkSettings(batch_size=config.replication.sync.batch_size)
+        )
         replication = config.replication
         self.node_id = replication.node_id
         self.peers = {peer.id: peer for peer in replication.peers}
@@ -217,8 +219,8 @@ class Node:
         """Wake every sender whenever the log grows (local commits or applied batches)."""
         limiter = trio.CapacityLimiter(1)
         while True:
-            records = await trio.to_thread.run_sync(detector.poll, limiter=limiter)
-            if records:
+            moved = await trio.to_thread.run_sync(detector.poll_position, limiter=limiter)
+            if moved is not None:
                 self._announce_log_change()
                 continue
             with trio.move_on_after(detector.poll_interval):
@@ -454,7 +456,7 @@ class Node:
             self.status[peer_id],
             node_id=self.node_id,
             settings=self.options.link,
-            read_log=self._reader(),
+            read_log=self._reader(Origin(hello.node_id, hello.incarnation)),
             apply=self._apply,
             wait_for_log=self._wait_for_log,
             vector=self._last_vector,
@@ -470,8 +472,9 @@ class Node:
             self.status[peer_id].last_error = error.message
             log.warning("peer disconnected", reason=error.message)
         finally:
-            if self.links.get(peer_id) is link:
+            if self.links.get(peer_id) is link:  # not replaced by a preferred connection
                 del self.links[peer_id]
+                self.status[peer_id].state = "disconnected"
                 self._peer_roles.pop(peer_id, None)
                 self._check_split_brain()
             await connection.abort()
@@ -500,8 +503,8 @@ class Node:
 
     # -- database work in threads ----------------------------------------------------------
 
-    def _reader(self) -> _LogReader:
-        return _LogReader(self.store_settings)
+    def _reader(self, peer_origin: Origin) -> _LogReader:
+        return _LogReader(self.store_settings, peer_origin)
 
     async def _apply(
         self, changes: Sequence[Change], skips: Sequence[Skip]
@@ -547,8 +550,9 @@ class Node:
 class _LogReader:
     """A link's own connection for reading the log, in a worker thread."""
 
-    def __init__(self, settings: StoreSettings) -> None:
+    def __init__(self, settings: StoreSettings, skip_origin: Origin) -> None:
         self._settings = settings
+        self._skip_origin = skip_origin
         self._store: Store | None = None
         self._limiter = trio.CapacityLimiter(1)
 
@@ -561,7 +565,7 @@ class _LogReader:
         store = self._store
         store.conn.execute("BEGIN")
         try:
-            return store.read_log(after, limit)
+            return store.read_log(after, limit, skip_origin=self._skip_origin)
         finally:
             store.conn.execute("COMMIT")
 

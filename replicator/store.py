@@ -172,14 +172,24 @@ class Store:
         row = self.conn.execute("SELECT MAX(seq) FROM _repl_log").fetchone()
         return int(row[0] or 0)
 
-    def read_log(self, after: int, limit: int) -> list[LogRecord]:
-        rows = self.conn.execute(
+    def read_log(
+        self, after: int, limit: int, *, skip_origin: Origin | None = None
+    ) -> list[LogRecord]:
+        """Entries after a position; ``skip_origin``'s are left out before any decoding (a
+        peer never needs its own writes back)."""
+        columns = (
             "SELECT seq, origin_node, origin_inc, origin_seq, op, tbl, pk, new_row, old_row,"
             " hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen, first_seq, resolves"
-            " FROM _repl_log WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after, limit),
-        ).fetchall()
-        return [self._record(row) for row in rows]
+            " FROM _repl_log WHERE seq > ?"
+        )
+        if skip_origin is None:
+            rows = self.conn.execute(f"{columns} ORDER BY seq LIMIT ?", (after, limit))
+        else:
+            rows = self.conn.execute(
+                f"{columns} AND NOT (origin_node = ? AND origin_inc = ?) ORDER BY seq LIMIT ?",
+                (after, skip_origin.node_id, skip_origin.incarnation, limit),
+            )
+        return [self._record(row) for row in rows.fetchall()]
 
     def _record(self, row: Sequence[Any]) -> LogRecord:
         (position, node, inc, origin_seq, op, table, key, new_row, old_row, stamp, generation,
