@@ -138,7 +138,7 @@ async def run_helper(*args: object) -> subprocess.CompletedProcess[bytes]:
 
 
 class Tail:
-    """Runs `Detector.batches` (the node's loop) and keeps every batch it sends, with arrival
+    """Runs `Detector.batches` (the detector's trio loop) and keeps every batch it sends, with arrival
     times."""
 
     def __init__(self, settings: StoreSettings, **options: Any) -> None:
