@@ -138,8 +138,8 @@ async def run_helper(*args: object) -> subprocess.CompletedProcess[bytes]:
 
 
 class Tail:
-    """Runs `Detector.batches` (the detector's trio loop) and keeps every batch it sends, with arrival
-    times."""
+    """Runs `Detector.batches` (the detector's trio loop) and keeps every batch it sends, with
+    arrival times."""
 
     def __init__(self, settings: StoreSettings, **options: Any) -> None:
         self.detector = Detector(settings, **options)
