@@ -434,6 +434,8 @@ class SyncConfig:
     batch_size: int = 1000
     max_lag: float = 10.0
     truncate_interval: float = 30.0
+    heartbeat_interval: float = 1.0
+    liveness_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,7 +545,11 @@ def _replication(section: _Section, base: Path) -> ReplicationConfig:
         batch_size=sync.integer("batch_size", 1000, 1, 100_000),
         max_lag=sync.duration("max_lag", 10.0),
         truncate_interval=sync.duration("truncate_interval", 30.0),
+        heartbeat_interval=sync.duration("heartbeat_interval", 1.0),
+        liveness_timeout=sync.duration("liveness_timeout", 10.0),
     )
+    if sync_config.liveness_timeout <= sync_config.heartbeat_interval:
+        raise sync.error("liveness_timeout", "must be longer than heartbeat_interval")
     sync.done()
     data = section.section("data")
     flags = {key: data.boolean(key, False) for key in data.names()}

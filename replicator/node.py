@@ -92,8 +92,13 @@ def unbuilt_settings(config: Config) -> list[str]:
 class Node:
     def __init__(self, config: Config, options: NodeOptions | None = None) -> None:
         self.config = config
+        sync = config.replication.sync
         self.options = options or NodeOptions(
-            link=LinkSettings(batch_size=config.replication.sync.batch_size)
+            link=LinkSettings(
+                batch_size=sync.batch_size,
+                heartbeat_interval=sync.heartbeat_interval,
+                liveness_timeout=sync.liveness_timeout,
+            )
         )
         replication = config.replication
         self.node_id = replication.node_id

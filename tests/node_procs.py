@@ -51,7 +51,9 @@ class NodeProcess:
         mode: str = "active-active",
         truncate_interval: str = "30s",
         max_lag: str = "10s",
+        liveness_timeout: str = "10s",
     ) -> None:
+        self.liveness_timeout = liveness_timeout
         self.max_lag = max_lag
         self.mode = mode
         self.truncate_interval = truncate_interval
@@ -89,7 +91,8 @@ replication {{
   ]
   auth = {{ secret_key = "{self.secret}" }}
   sync = {{ interval = "200ms", batch_size = 500, truncate_interval = "{self.truncate_interval}",
-           max_lag = "{self.max_lag}" }}
+           max_lag = "{self.max_lag}", heartbeat_interval = "200ms",
+           liveness_timeout = "{self.liveness_timeout}" }}
   data = {{ {self.tables} }}
   conflict_resolution = {{ strategy = "{self.strategy}" }}
   control_socket = "control.sock"

@@ -163,3 +163,12 @@ def test_sizes(text: str | int, size: int) -> None:
 def test_bad_durations_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration(text)
+
+
+def test_liveness_timeout_must_exceed_the_heartbeat_interval(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'replication {\n  sync = { heartbeat_interval = "5s", liveness_timeout = "2s" }\n}',
+    )
+    with pytest.raises(ConfigError, match=r"replication\.sync\.liveness_timeout"):
+        load_config(path)

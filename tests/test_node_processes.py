@@ -530,3 +530,27 @@ def test_lag_beyond_max_lag_raises_an_alarm_that_clears_when_the_peer_catches_up
     finally:
         node2.process.send_signal(signal.SIGCONT)
     wait_until(lambda: node1.status()["alarms"] == [], what="the alarm to clear")
+
+
+def test_silent_peer_is_dropped_after_the_liveness_timeout_and_rejoins(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1", liveness_timeout="1s")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2", liveness_timeout="1s")
+    nodes += [node1, node2]
+    start_all(nodes)
+    node2.app()
+    wait_until(lambda: node1.status()["peers"][0]["state"] == "connected", what="the link")
+    assert node2.process is not None
+    node2.process.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: bool(node1.logged("peer disconnected", peer="node2")),
+                   what="node1 to give up on the frozen peer")  # fmt: skip
+        reasons = [line["reason"] for line in node1.logged("peer disconnected", peer="node2")]
+        assert any("silent for 1s" in reason for reason in reasons)
+        node1.app().execute(
+            "INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('x', '10.9.9.9', 1)"
+        )
+    finally:
+        node2.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: node2.count("dhcp_leases") == 1, what="node2 to rejoin and catch up")
