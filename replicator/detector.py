@@ -13,6 +13,9 @@ version move, regenerates the triggers, and recaptures the rows written in betwe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import trio
 
 from replicator.log import get_logger
@@ -21,6 +24,7 @@ from replicator.store import LogRecord, Store, StoreSettings
 __all__ = ["Detector"]
 
 _log = get_logger("detector")
+_T = TypeVar("_T")
 
 
 class Detector:
@@ -42,41 +46,22 @@ class Detector:
         self._data_version: int | None = None
         self._schema_version = -1
         self._pending = True  # read once at start: entries may be waiting already
-        self._wake = trio.Event()
+        self._recapturing = False
         self._limiter = trio.CapacityLimiter(1)
-
-    def wake(self) -> None:
-        """Poll now (called after an in-process commit, e.g. by the applier)."""
-        self._wake.set()
 
     def poll(self) -> list[LogRecord]:
         """Blocking: the entries committed since the last call (at most one batch)."""
-        store = self._store
-        if store is None:
-            store = self._store = Store.open(self.settings, prepare=False)
-            # The application may have altered a table since the node prepared the file.
-            self._refresh_triggers(store, recapture_after=self.position)
-        version = store.data_version()
-        if version == self._data_version and not self._pending:
-            return []
-        self._data_version = version
         read_from = self.position
-        store.conn.execute("BEGIN")
-        try:
-            # Read in the same snapshot as the log, so an ALTER cannot slip between the two.
-            schema_version = store.schema_version()
-            records = store.read_log(self.position, self.batch_size)
-        finally:
-            store.conn.execute("COMMIT")
-        records = self._cut_by_bytes(records)
-        self._pending = len(records) > 0
+        found = self._read_if_moved(
+            lambda store: store.read_log(read_from, self.batch_size), even_if_unmoved=self._pending
+        )
+        if found is None:
+            return []
+        records = self._cut_by_bytes(found)
+        # Read again next time if this batch may not be the last, or rows are being recaptured.
+        self._pending = len(records) > 0 or self._recapturing
         if records:
             self.position = records[-1].position
-        if schema_version != self._schema_version:
-            # Entries after read_from may come from triggers older than the table: capture
-            # those rows again, whole, with triggers that match it.
-            self._refresh_triggers(store, recapture_after=read_from)
-            self._pending = True
         return records
 
     def poll_position(self) -> int | None:
@@ -84,27 +69,39 @@ class Detector:
 
         For callers that read the log themselves (each link does): nothing is decoded here.
         """
-        store = self._store
-        if store is None:
-            store = self._store = Store.open(self.settings, prepare=False)
-            self._refresh_triggers(store, recapture_after=self.position)
-        version = store.data_version()
-        if version == self._data_version:
-            return None
-        self._data_version = version
-        read_from = self.position
-        store.conn.execute("BEGIN")
-        try:
-            schema_version = store.schema_version()
-            position = store.log_position()
-        finally:
-            store.conn.execute("COMMIT")
-        if schema_version != self._schema_version:
-            self._refresh_triggers(store, recapture_after=read_from)
-        if position <= self.position:
+        position = self._read_if_moved(Store.log_position, even_if_unmoved=False)
+        if position is None or position <= self.position:
             return None
         self.position = position
         return position
+
+    def _read_if_moved(self, read: Callable[[Store], _T], *, even_if_unmoved: bool) -> _T | None:
+        """Run ``read`` in one snapshot with the schema version, if another connection
+        committed since the last look; regenerate the triggers if the schema moved."""
+        store = self._store
+        if store is None:
+            store = self._store = Store.open(self.settings, prepare=False)
+            # The application may have altered a table since the node prepared the file.
+            self._refresh_triggers(store, recapture_after=self.position)
+        version = store.data_version()
+        if version == self._data_version and not even_if_unmoved:
+            return None
+        self._data_version = version
+        read_from = self.position
+        self._recapturing = False
+        store.conn.execute("BEGIN")
+        try:
+            # Read in the same snapshot as the log, so an ALTER cannot slip between the two.
+            schema_version = store.schema_version()
+            result = read(store)
+        finally:
+            store.conn.execute("COMMIT")
+        if schema_version != self._schema_version:
+            # Entries after read_from may come from triggers older than the table: capture
+            # those rows again, whole, with triggers that match it.
+            self._refresh_triggers(store, recapture_after=read_from)
+            self._recapturing = True
+        return result
 
     def _refresh_triggers(self, store: Store, recapture_after: int) -> None:
         changed, self._schema_version = store.refresh_triggers(recapture_after=recapture_after)
@@ -135,10 +132,8 @@ class Detector:
                 records = await trio.to_thread.run_sync(self.poll, limiter=self._limiter)
                 if records:
                     await send.send(records)
-                    continue
-                with trio.move_on_after(self.poll_interval):
-                    await self._wake.wait()
-                self._wake = trio.Event()
+                else:
+                    await trio.sleep(self.poll_interval)
 
 
 def _size(value: object) -> int:

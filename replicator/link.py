@@ -93,7 +93,6 @@ class Link:
     ) -> None:
         self.connection = connection
         self.peer = hello.node_id
-        self.peer_origin = Origin(hello.node_id, hello.incarnation)
         self.status = status
         self.node_id = node_id
         self.settings = settings
@@ -180,15 +179,13 @@ class Link:
             self.status.sent_position = position
 
     def _lacking(self, records: list[LogRecord]) -> tuple[list[Change], list[Skip]]:
-        """Entries the peer does not hold yet (its own writes never go back to it)."""
+        """Entries the peer does not hold yet (the reader already left out its own writes)."""
         have = self._have
         changes: list[Change] = []
         skips: list[Skip] = []
         for record in records:
             entry = record.entry
             origin = entry.origin
-            if origin == self.peer_origin:
-                continue
             if isinstance(entry, Change):
                 if entry.seq > have.get(origin, 0):
                     changes.append(entry)

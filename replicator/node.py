@@ -461,7 +461,7 @@ class Node:
             self.status[peer_id],
             node_id=self.node_id,
             settings=self.options.link,
-            read_log=self._reader(Origin(hello.node_id, hello.incarnation)),
+            read_log=_LogReader(self.store_settings, Origin(hello.node_id, hello.incarnation)),
             apply=self._apply,
             wait_for_log=self._wait_for_log,
             vector=self._last_vector,
@@ -507,9 +507,6 @@ class Node:
         return reply
 
     # -- database work in threads ----------------------------------------------------------
-
-    def _reader(self, peer_origin: Origin) -> _LogReader:
-        return _LogReader(self.store_settings, peer_origin)
 
     async def _apply(
         self, changes: Sequence[Change], skips: Sequence[Skip]

@@ -36,10 +36,12 @@ def start_all(nodes: list[NodeProcess]) -> None:
         node.start([peer for peer in nodes if peer is not node])
 
 
-def start_pair(tmp_path: Path, nodes: list[NodeProcess]) -> tuple[NodeProcess, NodeProcess]:
+def start_pair(
+    tmp_path: Path, nodes: list[NodeProcess], **options: str
+) -> tuple[NodeProcess, NodeProcess]:
     """node1 on 127.0.0.1 and node2 on 127.0.0.2, peers of each other, both started."""
-    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
-    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1", **options)
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2", **options)
     nodes += [node1, node2]
     start_all(nodes)
     return node1, node2
@@ -313,16 +315,12 @@ def test_frozen_node_catches_up_when_thawed(tmp_path: Path, nodes: list[NodeProc
     one = node1.app()
     one.execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('before', '192.168.9.1', 1)")
     wait_until(lambda: node2.count("dhcp_leases") == 1, what="the first lease")
-    assert node2.process is not None
-    node2.process.send_signal(signal.SIGSTOP)
-    try:
+    with node2.frozen():
         with one:
             one.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)",
                             [lease(i) for i in range(2000)])  # fmt: skip
         two = node2.app()
         two.execute("INSERT INTO dns_records (name, type, zone, value) VALUES ('z', 'A', 'l', 'v')")
-    finally:
-        node2.process.send_signal(signal.SIGCONT)
     wait_until(lambda: node2.count("dhcp_leases") == 2001, what="node2 to catch up")
     wait_until(lambda: node1.count("dns_records") == 1, what="node2's write made while frozen")
 
@@ -512,38 +510,26 @@ def test_peer_that_lost_truncated_entries_is_told_it_needs_a_snapshot(
 def test_lag_beyond_max_lag_raises_an_alarm_that_clears_when_the_peer_catches_up(
     tmp_path: Path, nodes: list[NodeProcess]
 ) -> None:
-    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1", max_lag="500ms")
-    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2", max_lag="500ms")
-    nodes += [node1, node2]
-    start_all(nodes)
+    node1, node2 = start_pair(tmp_path, nodes, max_lag="500ms")
     node2.app()
     wait_until(lambda: node1.status()["peers"][0]["state"] == "connected", what="the link")
-    assert node2.process is not None
-    node2.process.send_signal(signal.SIGSTOP)
-    try:
+    with node2.frozen():
         node1.app().execute(
             "INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('l', '10.0.0.1', 1)"
         )
         wait_until(lambda: any("max_lag" in alarm for alarm in node1.status()["alarms"]),
                    what="the lag alarm")  # fmt: skip
         assert node1.logged("replication lag above max_lag", peer="node2")
-    finally:
-        node2.process.send_signal(signal.SIGCONT)
     wait_until(lambda: node1.status()["alarms"] == [], what="the alarm to clear")
 
 
 def test_silent_peer_is_dropped_after_the_liveness_timeout_and_rejoins(
     tmp_path: Path, nodes: list[NodeProcess]
 ) -> None:
-    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1", liveness_timeout="1s")
-    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2", liveness_timeout="1s")
-    nodes += [node1, node2]
-    start_all(nodes)
+    node1, node2 = start_pair(tmp_path, nodes, liveness_timeout="1s")
     node2.app()
     wait_until(lambda: node1.status()["peers"][0]["state"] == "connected", what="the link")
-    assert node2.process is not None
-    node2.process.send_signal(signal.SIGSTOP)
-    try:
+    with node2.frozen():
         wait_until(lambda: bool(node1.logged("peer disconnected", peer="node2")),
                    what="node1 to give up on the frozen peer")  # fmt: skip
         reasons = [line["reason"] for line in node1.logged("peer disconnected", peer="node2")]
@@ -551,6 +537,4 @@ def test_silent_peer_is_dropped_after_the_liveness_timeout_and_rejoins(
         node1.app().execute(
             "INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('x', '10.9.9.9', 1)"
         )
-    finally:
-        node2.process.send_signal(signal.SIGCONT)
     wait_until(lambda: node2.count("dhcp_leases") == 1, what="node2 to rejoin and catch up")
