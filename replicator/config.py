@@ -434,6 +434,7 @@ class SyncConfig:
     batch_size: int = 1000
     max_lag: float = 10.0
     truncate_interval: float = 30.0
+    log_retention: float = 7 * 86400.0
     heartbeat_interval: float = 1.0
     liveness_timeout: float = 10.0
 
@@ -545,6 +546,7 @@ def _replication(section: _Section, base: Path) -> ReplicationConfig:
         batch_size=sync.integer("batch_size", 1000, 1, 100_000),
         max_lag=sync.duration("max_lag", 10.0),
         truncate_interval=sync.duration("truncate_interval", 30.0),
+        log_retention=sync.duration("log_retention", 7 * 86400.0),
         heartbeat_interval=sync.duration("heartbeat_interval", 1.0),
         liveness_timeout=sync.duration("liveness_timeout", 10.0),
     )

@@ -142,6 +142,17 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ) WITHOUT ROWID;
         """,
     ),
+    (
+        3,
+        "tombstone collection",
+        """
+        -- The highest stamp of this origin's truncated entries that every node held: every
+        -- entry of the origin some node still lacks is stamped later.
+        ALTER TABLE _repl_log_floor ADD COLUMN stable_hlc INTEGER NOT NULL DEFAULT 0;
+        -- Tombstones by age, so collecting old ones reads only tombstones.
+        CREATE INDEX _repl_rowmeta_tombstones ON _repl_rowmeta (hlc) WHERE deleted;
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

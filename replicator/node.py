@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from protocol import Change, Hello, Keyring, Origin, SessionSettings, Skip, stretch_passphrase
+from replicator import hlc, retention
 from replicator.applier import Applier, ApplyResult
 from replicator.config import Config
 from replicator.control import Request, Response, Routes, serve_control
@@ -42,7 +43,7 @@ from replicator.membership import (
 )
 from replicator.migrations import SCHEMA_VERSION
 from replicator.peer import PeerConnection, PeerDisconnected, PeerSettings
-from replicator.resolvers import Resolver, make_resolver
+from replicator.resolvers import ManualResolver, Resolver, TimestampResolver, make_resolver
 from replicator.store import LogRecord, Store, StoreSettings
 
 __all__ = ["Node", "NodeOptions", "unbuilt_settings"]
@@ -277,18 +278,38 @@ class Node:
             await trio.sleep(min(1.0, max_lag / 2))
 
     async def _truncate_log_periodically(self) -> None:
+        sync = self.config.replication.sync
         while True:
-            await trio.sleep(self.config.replication.sync.truncate_interval)
-            await trio.to_thread.run_sync(self._vector_now, limiter=self._apply_limiter)
-            floor = self.cluster.floor(self._vector_cache)
-            if not floor:
-                continue
-            assert self._applier is not None
-            removed = await trio.to_thread.run_sync(
-                self._applier.store.truncate_log, floor, limiter=self._apply_limiter
-            )
-            if removed:
-                _log.info("log truncated below the cluster-wide floor", entries=removed)
+            await trio.sleep(sync.truncate_interval)
+            await trio.to_thread.run_sync(self._forget, limiter=self._apply_limiter)
+
+    def _forget(self) -> None:
+        """Truncate the log and collect tombstones below what the whole cluster holds."""
+        assert self._applier is not None
+        self._vector_now()
+        now_ms = hlc.wall_clock_ms()
+        retention_hlc = hlc.pack(
+            max(0, now_ms - int(self.config.replication.sync.log_retention * 1000))
+        )
+        floor = self.cluster.floor(self._vector_cache)
+        conn = self._applier.store.conn
+        truncated = retention.truncate_log(conn, floor, retention_hlc)
+        if truncated.past_floor:
+            _log.warning("log entries past log_retention forgotten before every peer had them",
+                         entries=truncated.past_floor)  # fmt: skip
+        if truncated.removed:
+            _log.info("log truncated below the cluster-wide floor", entries=truncated.removed)
+        bound = retention.stable_bound(
+            conn, self.cluster.snapshot(self._vector_cache, now_ms), floor
+        )
+        stamp_ordered = [
+            table
+            for table in self.store_settings.tables
+            if isinstance(self._applier.resolver_for(table), (TimestampResolver, ManualResolver))
+        ]
+        collected = retention.collect_tombstones(conn, bound, retention_hlc, stamp_ordered)
+        if collected:
+            _log.info("tombstones collected", tombstones=collected)
 
     # -- operator view -----------------------------------------------------------------------
 

@@ -231,36 +231,6 @@ class Store:
             )
         }
 
-    def truncate_log(self, floor: Mapping[Origin, int]) -> int:
-        """Forget log entries every node holds (``floor``: the cluster-wide minimum vector).
-
-        One short transaction per origin, so the application never waits long. Returns how
-        many entries were removed.
-        """
-        removed = 0
-        for origin, seq in floor.items():
-            if seq <= 0:
-                continue
-            self.begin_immediate()
-            try:
-                cursor = self.conn.execute(
-                    "DELETE FROM _repl_log WHERE origin_node = ? AND origin_inc = ?"
-                    " AND origin_seq <= ?",
-                    (origin.node_id, origin.incarnation, seq),
-                )
-                removed += cursor.rowcount
-                self.conn.execute(
-                    "INSERT INTO _repl_log_floor (origin_node, origin_inc, seq) VALUES (?, ?, ?)"
-                    " ON CONFLICT (origin_node, origin_inc) DO UPDATE"
-                    " SET seq = MAX(seq, excluded.seq)",
-                    (origin.node_id, origin.incarnation, seq),
-                )
-                self.commit()
-            except BaseException:
-                self.rollback()
-                raise
-        return removed
-
     def row_version(self, table: str, pk: Sequence[Any]) -> tuple[RowVersion, bool] | None:
         """The current version of a row and whether it is deleted (None: never seen)."""
         row = self.conn.execute(

@@ -98,6 +98,10 @@ def write(tmp_path: Path, text: str) -> Path:
         ),
         ("state {\n  backup { enabled = true }\n}", "state.backup.directory"),
         ('state {\n  backup { retention = "forever" }\n}', "state.backup.retention"),
+        (
+            'replication {\n  sync = { log_retention = "forever" }\n}',
+            "replication.sync.log_retention",
+        ),
         ('state {\n  database { synchronous = "SOMETIMES" }\n}', "state.database.synchronous"),
         ("state {\n  auto_save = 1\n}", "state.auto_save: expected true or false"),
         ("shards {\n  count = 3\n}", "shards: unknown setting"),

@@ -484,6 +484,21 @@ def test_logs_are_truncated_only_below_the_cluster_wide_floor(
     c.start([b])
     wait_until(lambda: c.count("dhcp_leases") == 600, what="c to catch up after restart")
     wait_until(lambda: log_size(a) == 0, what="a to truncate once c confirmed")
+    # Deleted rows' tombstones go too, once every node has the deletes and has reported.
+    with a.app() as app:
+        app.execute("DELETE FROM dhcp_leases WHERE mac < 'm000050'")
+    wait_until(lambda: c.count("dhcp_leases") == 550, what="c to receive the deletes")
+    wait_until(lambda: tombstone_count(a) == tombstone_count(c) == 0,
+               what="tombstones collected on a and c")  # fmt: skip
+    assert a.logged("tombstones collected")
+
+
+def tombstone_count(node: NodeProcess) -> int:
+    conn = node.app()
+    try:
+        return int(conn.execute("SELECT count(*) FROM _repl_rowmeta WHERE deleted").fetchone()[0])
+    finally:
+        conn.close()
 
 
 def test_peer_that_lost_truncated_entries_is_told_it_needs_a_snapshot(
