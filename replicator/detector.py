@@ -13,11 +13,13 @@ version move, regenerates the triggers, and recaptures the rows written in betwe
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from typing import TypeVar
 
 import trio
 
+from replicator.dbcall import WouldBlock
 from replicator.log import get_logger
 from replicator.store import LogRecord, Store, StoreSettings
 
@@ -35,7 +37,7 @@ class Detector:
         after: int = 0,
         batch_size: int = 1000,
         max_batch_bytes: int = 4 << 20,
-        poll_interval: float = 0.002,
+        poll_interval: float = 0.001,
     ) -> None:
         self.settings = settings
         self.position = after
@@ -64,31 +66,41 @@ class Detector:
             self.position = records[-1].position
         return records
 
-    def poll_position(self) -> int | None:
+    def poll_position(self, quick: bool = False) -> int | None:
         """Blocking: the new end of the log if it moved since the last call, else None.
 
         For callers that read the log themselves (each link does): nothing is decoded here.
+        ``quick``: on the event loop, so anything more than the look raises `WouldBlock`.
         """
-        position = self._read_if_moved(Store.log_position, even_if_unmoved=False)
+        position = self._read_if_moved(Store.log_position, even_if_unmoved=False, quick=quick)
         if position is None or position <= self.position:
             return None
         self.position = position
         return position
 
-    def _read_if_moved(self, read: Callable[[Store], _T], *, even_if_unmoved: bool) -> _T | None:
+    @property
+    def conn(self) -> sqlite3.Connection | None:
+        return None if self._store is None else self._store.conn
+
+    def _read_if_moved(
+        self, read: Callable[[Store], _T], *, even_if_unmoved: bool, quick: bool = False
+    ) -> _T | None:
         """Run ``read`` in one snapshot with the schema version, if another connection
-        committed since the last look; regenerate the triggers if the schema moved."""
+        committed since the last look; regenerate the triggers if the schema moved.
+
+        Nothing is remembered unless it all succeeds, so a failed call can simply be repeated.
+        """
         store = self._store
         if store is None:
+            if quick:
+                raise WouldBlock
             store = self._store = Store.open(self.settings, prepare=False)
             # The application may have altered a table since the node prepared the file.
             self._refresh_triggers(store, recapture_after=self.position)
         version = store.data_version()
         if version == self._data_version and not even_if_unmoved:
             return None
-        self._data_version = version
         read_from = self.position
-        self._recapturing = False
         store.conn.execute("BEGIN")
         try:
             # Read in the same snapshot as the log, so an ALTER cannot slip between the two.
@@ -96,11 +108,15 @@ class Detector:
             result = read(store)
         finally:
             store.conn.execute("COMMIT")
-        if schema_version != self._schema_version:
+        recapturing = schema_version != self._schema_version
+        if recapturing:
+            if quick:
+                raise WouldBlock
             # Entries after read_from may come from triggers older than the table: capture
             # those rows again, whole, with triggers that match it.
             self._refresh_triggers(store, recapture_after=read_from)
-            self._recapturing = True
+        self._recapturing = recapturing
+        self._data_version = version
         return result
 
     def _refresh_triggers(self, store: Store, recapture_after: int) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -39,6 +39,9 @@ from replicator.peer import PeerConnection, PeerDisconnected
 from replicator.store import LogRecord
 
 __all__ = ["Link", "LinkSettings", "PauseSwitch", "PeerStatus"]
+
+# Changes messages already received are applied together, up to this many entries.
+_MAX_COALESCED = 5000
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +73,7 @@ class PeerStatus:
 
 ReadLog = Callable[[int, int], Awaitable[list[LogRecord]]]
 Apply = Callable[
-    [tuple[Change, ...], tuple[Skip, ...]], Awaitable[tuple[ApplyResult, dict[Origin, int]]]
+    [Sequence[Change], Sequence[Skip]], Awaitable[tuple[ApplyResult, dict[Origin, int]]]
 ]
 WaitLog = Callable[[int], Awaitable[None]]
 
@@ -274,9 +277,19 @@ class Link:
         if self._pause.paused:
             self._owe_resend = True  # dropped unapplied; asked for again on resume
             return
-        result, vector = await self._apply(batch.changes, batch.skips)
+        # Batches that arrived together are applied in one transaction and acknowledged by
+        # one Ack: under load the fixed cost of a commit is paid once, not per batch.
+        changes, skips, sequence = list(batch.changes), list(batch.skips), batch.sequence
+        while len(changes) + len(skips) < _MAX_COALESCED and (
+            more := self.connection.take_ready(lambda m: isinstance(m, Changes))
+        ):
+            assert isinstance(more, Changes)
+            changes += more.changes
+            skips += more.skips
+            sequence = more.sequence
+        result, vector = await self._apply(changes, skips)
         self.status.changes_received += result.accepted
-        await self.connection.send(Ack(vector, batch.sequence))
+        await self.connection.send(Ack(vector, sequence))
         if result.gaps or result.clock_refused:
             await self.connection.send(Resend(vector))
 

@@ -19,14 +19,14 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from protocol import Change, Hello, Keyring, Origin, SessionSettings, Skip, stretch_passphrase
-from replicator import hlc, retention
+from replicator import dbcall, hlc, retention
 from replicator.applier import Applier, ApplyResult
 from replicator.config import Config
 from replicator.control import Request, Response, Routes, serve_control
@@ -50,6 +50,9 @@ __all__ = ["Node", "NodeOptions", "unbuilt_settings"]
 
 _log = get_logger("node")
 CAPABILITIES = frozenset({"changes", "skips", "resend"})
+# Batches up to this many entries are read and applied on the event loop (see `dbcall`).
+_INLINE_ENTRIES = 32
+_CHECKPOINT_INTERVAL = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +131,8 @@ class Node:
         self._peer_roles: dict[str, str] = {}
         self.started_at = time.time()
         self.origin: Origin | None = None
+        self._commit_is_quick = config.state.database.synchronous in ("OFF", "NORMAL")
+        self._wal = config.state.database.journal_mode.upper() == "WAL"
 
     # -- the tree --------------------------------------------------------------------------
 
@@ -151,6 +156,8 @@ class Node:
             await nursery.start(serve_control, replication.control_socket, self._routes())
             nursery.start_soon(self._watch_log, detector)
             nursery.start_soon(self._truncate_log_periodically)
+            if self._wal:
+                nursery.start_soon(self._checkpoint_periodically)
             nursery.start_soon(self._watch_lag)
             await nursery.start(
                 functools.partial(
@@ -195,8 +202,12 @@ class Node:
                 priorities=conflicts.priorities,
             )
 
+        applier_store = Store.open(self.store_settings, prepare=False)
+        if self._wal:
+            # Checkpoints (and their fsyncs) run in a background task, not in an apply.
+            applier_store.conn.execute("PRAGMA wal_autocheckpoint = 0")
         self._applier = Applier(
-            Store.open(self.store_settings, prepare=False),
+            applier_store,
             {table: resolver(strategy) for table, strategy in conflicts.tables.items()},
             resolver(conflicts.strategy),
             max_clock_offset_ms=int(conflicts.max_clock_offset * 1000),
@@ -225,7 +236,7 @@ class Node:
         """Wake every sender whenever the log grows (local commits or applied batches)."""
         limiter = trio.CapacityLimiter(1)
         while True:
-            moved = await trio.to_thread.run_sync(detector.poll_position, limiter=limiter)
+            moved = await dbcall.call(detector.conn, limiter, detector.poll_position, inline=True)
             if moved is not None:
                 self._announce_log_change()
                 continue
@@ -276,6 +287,19 @@ class Node:
                 elif self.alarms.pop(name, None) is not None:
                     _log.info("replication lag back under max_lag", **{KEY_PEER: peer_id})
             await trio.sleep(min(1.0, max_lag / 2))
+
+    async def _checkpoint_periodically(self) -> None:
+        """Copy the WAL back into the database file off the apply path (PASSIVE: never
+        waits for, nor blocks, a writer)."""
+        store = await trio.to_thread.run_sync(
+            functools.partial(Store.open, self.store_settings, prepare=False)
+        )
+        try:
+            while True:
+                await trio.sleep(_CHECKPOINT_INTERVAL)
+                await trio.to_thread.run_sync(store.conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            store.close()
 
     async def _truncate_log_periodically(self) -> None:
         sync = self.config.replication.sync
@@ -482,7 +506,11 @@ class Node:
             self.status[peer_id],
             node_id=self.node_id,
             settings=self.options.link,
-            read_log=_LogReader(self.store_settings, Origin(hello.node_id, hello.incarnation)),
+            read_log=_LogReader(
+                self.store_settings,
+                Origin(hello.node_id, hello.incarnation),
+                self._log_end,
+            ),
             apply=self._apply,
             wait_for_log=self._wait_for_log,
             vector=self._last_vector,
@@ -532,19 +560,26 @@ class Node:
     async def _apply(
         self, changes: Sequence[Change], skips: Sequence[Skip]
     ) -> tuple[ApplyResult, dict[Origin, int]]:
+        assert self._applier is not None
+        conn = self._applier.store.conn
+        # A commit that waits for the disk (synchronous FULL) is never made on the loop.
+        few = len(changes) + len(skips) <= _INLINE_ENTRIES and self._commit_is_quick
         while True:
             try:
-                return await trio.to_thread.run_sync(
-                    self._apply_sync, changes, skips, limiter=self._apply_limiter
+                return await dbcall.call(
+                    conn,
+                    self._apply_limiter,
+                    functools.partial(self._apply_sync, changes, skips),
+                    inline=few,
                 )
             except sqlite3.OperationalError as error:
-                if "locked" not in str(error) and "busy" not in str(error):
+                if not dbcall.is_busy(error):
                     raise
                 _log.warning("state database busy; retrying the batch", error=str(error))
                 await trio.sleep(0.05)
 
     def _apply_sync(
-        self, changes: Sequence[Change], skips: Sequence[Skip]
+        self, changes: Sequence[Change], skips: Sequence[Skip], quick: bool = False
     ) -> tuple[ApplyResult, dict[Origin, int]]:
         assert self._applier is not None
         result = self._applier.apply(changes, skips)
@@ -566,23 +601,34 @@ class Node:
         self._vector_cache = self._applier.store.version_vector()
         return self._vector_cache
 
+    def _log_end(self) -> int:
+        return 0 if self._detector is None else self._detector.position
+
     def _last_vector(self) -> dict[Origin, int]:
         return dict(self._vector_cache)
 
 
 class _LogReader:
-    """A link's own connection for reading the log, in a worker thread."""
+    """A link's own connection for reading the log: a few entries on the event loop, more in
+    a worker thread."""
 
-    def __init__(self, settings: StoreSettings, skip_origin: Origin) -> None:
+    def __init__(
+        self, settings: StoreSettings, skip_origin: Origin, log_end: Callable[[], int]
+    ) -> None:
         self._settings = settings
         self._skip_origin = skip_origin
+        self._log_end = log_end
         self._store: Store | None = None
         self._limiter = trio.CapacityLimiter(1)
 
     async def __call__(self, after: int, limit: int) -> list[LogRecord]:
-        return await trio.to_thread.run_sync(self._read, after, limit, limiter=self._limiter)
+        conn = None if self._store is None else self._store.conn
+        few = self._log_end() - after <= _INLINE_ENTRIES
+        return await dbcall.call(
+            conn, self._limiter, functools.partial(self._read, after, limit), inline=few
+        )
 
-    def _read(self, after: int, limit: int) -> list[LogRecord]:
+    def _read(self, after: int, limit: int, quick: bool = False) -> list[LogRecord]:
         if self._store is None:
             self._store = Store.open(self._settings, prepare=False)
         store = self._store

@@ -150,6 +150,12 @@ class PeerConnection:
                     self._events.append(event)
         return self._events.popleft()
 
+    def take_ready(self, wanted: Callable[[Message], bool]) -> Message | None:
+        """The next message already received and decoded, if ``wanted`` takes it; no I/O."""
+        if self._events and wanted(self._events[0]):
+            return self._events.popleft()
+        return None
+
     async def close(self, reason: str = "closing") -> None:
         """Say goodbye (if still possible) and close the stream."""
         if self._closed:

@@ -3,6 +3,7 @@ collected only when no change still in flight could be beaten by them."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from protocol import Origin
@@ -185,6 +186,7 @@ def test_a_write_older_than_the_tombstone_still_in_flight_keeps_it(tmp_path: Pat
     write(a, "m1")
     sync_until_quiescent([a, b, c])
     c.execute("UPDATE leases SET ip = '10.9.9.9'")  # not yet delivered anywhere
+    time.sleep(0.005)  # a later millisecond, so the stamps cannot tie
     a.execute("DELETE FROM leases")  # stamped later: it must win everywhere
     deliver(a, b)
     deliver(a, c)
