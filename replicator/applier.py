@@ -53,6 +53,8 @@ class ApplyResult:
     """Per origin, the next sequence this node needs (everything before it is held)."""
     clock_refused: dict[Origin, int] = field(default_factory=dict)
     vector: dict[Origin, int] = field(default_factory=dict)
+    held: dict[Origin, int] = field(default_factory=dict)
+    """The whole version vector once this batch committed (read in its transaction)."""
 
 
 @dataclass(slots=True)
@@ -102,6 +104,7 @@ class Applier:
             conn.execute("INSERT INTO _repl_applying (marker) VALUES (1)")
             self._apply_locked(conn, changes, skips, result)
             conn.execute("DELETE FROM _repl_applying")
+            result.held = store.version_vector()
             store.commit()
         except BaseException:
             store.rollback()

@@ -71,7 +71,9 @@ class PeerStatus:
     last_error: str | None = None
 
 
-ReadLog = Callable[[int, int], Awaitable[list[LogRecord]]]
+# (after, limit) -> (entries for the peer, the position read through: entries left out
+# because the peer wrote them still move it, so they are never scanned again)
+ReadLog = Callable[[int, int], Awaitable[tuple[list[LogRecord], int]]]
 Apply = Callable[
     [Sequence[Change], Sequence[Skip]], Awaitable[tuple[ApplyResult, dict[Origin, int]]]
 ]
@@ -171,14 +173,17 @@ class Link:
             await self._pause.wait_until_running()
             if self._rewind:
                 position, self._rewind = 0, False
-            records = await self._read_log(position, self.settings.batch_size)
+            records, read_through = await self._read_log(position, self.settings.batch_size)
             if not records:
+                if read_through > position:
+                    position = self.status.sent_position = read_through
                 await self._wait_for_log(position)
                 continue
             position = records[-1].position
             changes, skips = self._lacking(records)
             if changes or skips:
                 await self._send_batch(changes, skips, position)
+            position = max(position, read_through)
             self.status.sent_position = position
 
     def _lacking(self, records: list[LogRecord]) -> tuple[list[Change], list[Skip]]:

@@ -583,9 +583,8 @@ class Node:
     ) -> tuple[ApplyResult, dict[Origin, int]]:
         assert self._applier is not None
         result = self._applier.apply(changes, skips)
-        vector = self._applier.store.version_vector()
-        self._vector_cache = vector
-        return result, vector
+        self._vector_cache = result.held
+        return result, result.held
 
     def _below_floor(self, hello: Hello) -> list[str]:
         assert self._applier is not None
@@ -621,22 +620,25 @@ class _LogReader:
         self._store: Store | None = None
         self._limiter = trio.CapacityLimiter(1)
 
-    async def __call__(self, after: int, limit: int) -> list[LogRecord]:
+    async def __call__(self, after: int, limit: int) -> tuple[list[LogRecord], int]:
         conn = None if self._store is None else self._store.conn
         few = self._log_end() - after <= _INLINE_ENTRIES
         return await dbcall.call(
             conn, self._limiter, functools.partial(self._read, after, limit), inline=few
         )
 
-    def _read(self, after: int, limit: int, quick: bool = False) -> list[LogRecord]:
+    def _read(self, after: int, limit: int, quick: bool = False) -> tuple[list[LogRecord], int]:
         if self._store is None:
             self._store = Store.open(self._settings, prepare=False)
         store = self._store
         store.conn.execute("BEGIN")
         try:
-            return store.read_log(after, limit, skip_origin=self._skip_origin)
+            end = store.log_position()
+            records = store.read_log(after, limit, skip_origin=self._skip_origin, through=end)
         finally:
             store.conn.execute("COMMIT")
+        # Fewer than asked for: every entry up to the end was looked at.
+        return records, (end if len(records) < limit else records[-1].position)
 
 
 def _role_of(hello: Hello) -> str:

@@ -173,21 +173,27 @@ class Store:
         return int(row[0] or 0)
 
     def read_log(
-        self, after: int, limit: int, *, skip_origin: Origin | None = None
+        self,
+        after: int,
+        limit: int,
+        *,
+        skip_origin: Origin | None = None,
+        through: int | None = None,
     ) -> list[LogRecord]:
-        """Entries after a position; ``skip_origin``'s are left out before any decoding (a
-        peer never needs its own writes back)."""
+        """Entries after a position (up to ``through``); ``skip_origin``'s are left out before
+        any decoding (a peer never needs its own writes back)."""
         columns = (
             "SELECT seq, origin_node, origin_inc, origin_seq, op, tbl, pk, new_row, old_row,"
             " hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen, first_seq, resolves"
-            " FROM _repl_log WHERE seq > ?"
+            " FROM _repl_log WHERE seq > ? AND seq <= ?"
         )
+        end = (1 << 63) - 1 if through is None else through
         if skip_origin is None:
-            rows = self.conn.execute(f"{columns} ORDER BY seq LIMIT ?", (after, limit))
+            rows = self.conn.execute(f"{columns} ORDER BY seq LIMIT ?", (after, end, limit))
         else:
             rows = self.conn.execute(
                 f"{columns} AND NOT (origin_node = ? AND origin_inc = ?) ORDER BY seq LIMIT ?",
-                (after, skip_origin.node_id, skip_origin.incarnation, limit),
+                (after, end, skip_origin.node_id, skip_origin.incarnation, limit),
             )
         return [self._record(row) for row in rows.fetchall()]
 
