@@ -21,7 +21,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -49,6 +49,7 @@ from replicator.store import LogRecord, Store, StoreSettings
 __all__ = ["Node", "NodeOptions", "unbuilt_settings"]
 
 _log = get_logger("node")
+_T = TypeVar("_T")
 CAPABILITIES = frozenset({"changes", "skips", "resend"})
 # Batches up to this many entries are read and applied on the event loop (see `dbcall`).
 _INLINE_ENTRIES = 32
@@ -302,36 +303,51 @@ class Node:
             store.close()
 
     async def _truncate_log_periodically(self) -> None:
-        sync = self.config.replication.sync
         while True:
-            await trio.sleep(sync.truncate_interval)
-            await trio.to_thread.run_sync(self._forget, limiter=self._apply_limiter)
+            await trio.sleep(self.config.replication.sync.truncate_interval)
+            await self._forget()
 
-    def _forget(self) -> None:
-        """Truncate the log and collect tombstones below what the whole cluster holds."""
+    async def _forget(self) -> None:
+        """Truncate the log and collect tombstones below what the whole cluster holds, one
+        short transaction at a time so batches from peers are applied in between."""
         assert self._applier is not None
-        self._vector_now()
-        now_ms = hlc.wall_clock_ms()
-        retention_hlc = hlc.pack(
-            max(0, now_ms - int(self.config.replication.sync.log_retention * 1000))
-        )
-        floor = self.cluster.floor(self._vector_cache)
         conn = self._applier.store.conn
-        truncated = retention.truncate_log(conn, floor, retention_hlc)
-        if truncated.past_floor:
+
+        async def step(function: Callable[..., _T], *args: Any) -> _T:
+            return await trio.to_thread.run_sync(
+                functools.partial(function, conn, *args), limiter=self._apply_limiter
+            )
+
+        await trio.to_thread.run_sync(self._vector_now, limiter=self._apply_limiter)
+        now_ms = hlc.wall_clock_ms()
+        retention_ms = int(self.config.replication.sync.log_retention * 1000)
+        retention_hlc = hlc.pack(max(0, now_ms - retention_ms))
+        floor = self.cluster.floor(self._vector_cache)
+        first, cut = await step(retention.truncation_range, floor, retention_hlc)
+        removed = past_floor = 0
+        for start in range(first, cut, retention.CHUNK):
+            done = await step(
+                retention.truncate_chunk, floor, start, min(cut, start + retention.CHUNK)
+            )
+            removed, past_floor = removed + done.removed, past_floor + done.past_floor
+        if past_floor:
             _log.warning("log entries past log_retention forgotten before every peer had them",
-                         entries=truncated.past_floor)  # fmt: skip
-        if truncated.removed:
-            _log.info("log truncated below the cluster-wide floor", entries=truncated.removed)
-        bound = retention.stable_bound(
-            conn, self.cluster.snapshot(self._vector_cache, now_ms), floor
-        )
+                         entries=past_floor)  # fmt: skip
+        if removed:
+            _log.info("log truncated below the cluster-wide floor", entries=removed)
+        reports = self.cluster.snapshot(self._vector_cache, now_ms)
+        bound = await step(retention.stable_bound, reports, floor)
         stamp_ordered = [
             table
             for table in self.store_settings.tables
             if isinstance(self._applier.resolver_for(table), (TimestampResolver, ManualResolver))
         ]
-        collected = retention.collect_tombstones(conn, bound, retention_hlc, stamp_ordered)
+        collected = 0
+        while True:
+            count = await step(retention.collect_tombstones, bound, retention_hlc, stamp_ordered)
+            collected += count
+            if count < retention.CHUNK:
+                break
         if collected:
             _log.info("tombstones collected", tombstones=collected)
 

@@ -21,9 +21,18 @@ from dataclasses import dataclass
 from protocol import Origin
 from replicator import hlc
 
-__all__ = ["TruncationResult", "collect_tombstones", "stable_bound", "truncate_log"]
+__all__ = [
+    "CHUNK",
+    "TruncationResult",
+    "collect_tombstones",
+    "stable_bound",
+    "truncate_chunk",
+    "truncate_log",
+    "truncation_range",
+]
 
-_CHUNK = 5000
+CHUNK = 1000
+"""Entries or tombstones forgotten per write transaction."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,16 +48,13 @@ def _floor_values(floor: Mapping[Origin, int]) -> tuple[str, list[object]]:
     return sql, [value for row in rows for value in row]
 
 
-def truncate_log(
+def truncation_range(
     conn: sqlite3.Connection,
     floor: Mapping[Origin, int],
     retention_hlc: int | None = None,
-) -> TruncationResult:
-    """Cut the log's prefix every node holds, and anything stamped before ``retention_hlc``.
-
-    ``conn`` is in autocommit mode; each chunk is its own short write transaction so the
-    application never waits long.
-    """
+) -> tuple[int, int]:
+    """The log positions ``[first, cut)`` to forget: the prefix every node holds, extended to
+    entries stamped before ``retention_hlc``. Empty when ``first >= cut``."""
     values, params = _floor_values(floor)
     lacking = conn.execute(
         f"WITH f(node, inc, seq) AS (VALUES {values})"
@@ -60,46 +66,68 @@ def truncate_log(
     ).fetchone()
     first, last = conn.execute("SELECT MIN(seq), MAX(seq) FROM _repl_log").fetchone()
     if first is None:
-        return TruncationResult(0, 0)
+        return 0, 0
     cut = lacking[0] if lacking is not None else last + 1
     if retention_hlc is not None:
         young = conn.execute(
             "SELECT seq FROM _repl_log WHERE hlc >= ? ORDER BY seq LIMIT 1", (retention_hlc,)
         ).fetchone()
         cut = max(cut, young[0] if young is not None else last + 1)
+    return first, cut
+
+
+def truncate_chunk(
+    conn: sqlite3.Connection, floor: Mapping[Origin, int], start: int, end: int
+) -> TruncationResult:
+    """Forget log positions ``[start, end)`` in one short write transaction, recording each
+    origin's new floor and stable stamp. ``conn`` is in autocommit mode."""
+    values, params = _floor_values(floor)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        origins = conn.execute(
+            f"WITH f(node, inc, seq) AS (VALUES {values})"
+            " SELECT l.origin_node, l.origin_inc, MAX(l.origin_seq),"
+            "  MAX(CASE WHEN l.origin_seq <= f.seq THEN l.hlc END),"
+            "  SUM(f.seq IS NULL OR l.origin_seq > f.seq)"
+            " FROM _repl_log l LEFT JOIN f"
+            "  ON f.node = l.origin_node AND f.inc = l.origin_inc"
+            " WHERE l.seq >= ? AND l.seq < ? GROUP BY 1, 2",
+            [*params, start, end],
+        ).fetchall()
+        removed = conn.execute(
+            "DELETE FROM _repl_log WHERE seq >= ? AND seq < ?", (start, end)
+        ).rowcount
+        past_floor = 0
+        for node, inc, seq, stable, lacked in origins:
+            past_floor += lacked
+            conn.execute(
+                "INSERT INTO _repl_log_floor (origin_node, origin_inc, seq, stable_hlc)"
+                " VALUES (?, ?, ?, COALESCE(?, 0))"
+                " ON CONFLICT (origin_node, origin_inc) DO UPDATE"
+                " SET seq = MAX(seq, excluded.seq),"
+                "  stable_hlc = MAX(stable_hlc, excluded.stable_hlc)",
+                (node, inc, seq, stable),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return TruncationResult(removed, past_floor)
+
+
+def truncate_log(
+    conn: sqlite3.Connection,
+    floor: Mapping[Origin, int],
+    retention_hlc: int | None = None,
+) -> TruncationResult:
+    """`truncation_range` then every chunk of it (the node runs the chunks one by one, so
+    batches from peers are applied in between)."""
+    first, cut = truncation_range(conn, floor, retention_hlc)
     removed = past_floor = 0
-    start = first
-    while start < cut:
-        end = min(cut, start + _CHUNK)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            origins = conn.execute(
-                f"WITH f(node, inc, seq) AS (VALUES {values})"
-                " SELECT l.origin_node, l.origin_inc, MAX(l.origin_seq),"
-                "  MAX(CASE WHEN l.origin_seq <= f.seq THEN l.hlc END),"
-                "  SUM(f.seq IS NULL OR l.origin_seq > f.seq)"
-                " FROM _repl_log l LEFT JOIN f"
-                "  ON f.node = l.origin_node AND f.inc = l.origin_inc"
-                " WHERE l.seq >= ? AND l.seq < ? GROUP BY 1, 2",
-                [*params, start, end],
-            ).fetchall()
-            cursor = conn.execute("DELETE FROM _repl_log WHERE seq >= ? AND seq < ?", (start, end))
-            removed += cursor.rowcount
-            for node, inc, seq, stable, lacked in origins:
-                past_floor += lacked
-                conn.execute(
-                    "INSERT INTO _repl_log_floor (origin_node, origin_inc, seq, stable_hlc)"
-                    " VALUES (?, ?, ?, COALESCE(?, 0))"
-                    " ON CONFLICT (origin_node, origin_inc) DO UPDATE"
-                    " SET seq = MAX(seq, excluded.seq),"
-                    "  stable_hlc = MAX(stable_hlc, excluded.stable_hlc)",
-                    (node, inc, seq, stable),
-                )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        start = end
+    for start in range(first, cut, CHUNK):
+        done = truncate_chunk(conn, floor, start, min(cut, start + CHUNK))
+        removed += done.removed
+        past_floor += done.past_floor
     return TruncationResult(removed, past_floor)
 
 
@@ -146,24 +174,22 @@ def collect_tombstones(
     stable_hlc: int,
     retention_hlc: int | None,
     timestamp_tables: Collection[str],
+    limit: int = CHUNK,
 ) -> int:
-    """Forget tombstones no change can still beat (timestamp order) or past retention."""
-    removed = 0
+    """Forget up to ``limit`` tombstones no change can still beat (timestamp order) or past
+    retention, in one short write transaction; returns how many went."""
     placeholders = ", ".join("?" for _ in timestamp_tables) or "NULL"
-    while True:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            cursor = conn.execute(
-                "DELETE FROM _repl_rowmeta WHERE (tbl, pk) IN ("
-                " SELECT tbl, pk FROM _repl_rowmeta WHERE deleted AND ("
-                f"  (hlc < ? AND tbl IN ({placeholders})) OR hlc < ?)"
-                f" LIMIT {_CHUNK})",
-                [stable_hlc, *timestamp_tables, retention_hlc or 0],
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        removed += cursor.rowcount
-        if cursor.rowcount < _CHUNK:
-            return removed
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        removed = conn.execute(
+            "DELETE FROM _repl_rowmeta WHERE (tbl, pk) IN ("
+            " SELECT tbl, pk FROM _repl_rowmeta WHERE deleted AND ("
+            f"  (hlc < ? AND tbl IN ({placeholders})) OR hlc < ?)"
+            " LIMIT ?)",
+            [stable_hlc, *timestamp_tables, retention_hlc or 0, limit],
+        ).rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return removed
