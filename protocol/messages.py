@@ -128,11 +128,13 @@ class SnapshotTable:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotRow:
-    """A row with its version; ``values`` is None for a tombstone (a deleted row's version)."""
+    """A row with its version; ``values`` is None for a tombstone (a deleted row's version).
+    ``seq`` is the origin sequence that wrote the version (0: not known)."""
 
     pk: tuple[SqlValue, ...]
     values: Mapping[str, SqlValue] | None
     version: RowVersion
+    seq: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +532,10 @@ class SnapshotChunk:
             self.snapshot_id,
             self.table,
             self.index,
-            [[list(r.pk), _row_to_wire(r.values), _version_to_wire(r.version)] for r in self.rows],
+            [
+                [list(r.pk), _row_to_wire(r.values), _version_to_wire(r.version), r.seq]
+                for r in self.rows
+            ],
         ]
 
     @classmethod
@@ -539,12 +544,13 @@ class SnapshotChunk:
         parsed = []
         origins = _Origins()
         for entry in want_list(rows, "SnapshotChunk rows"):
-            pk, values, version = want_list(entry, "SnapshotChunk row", min_len=3, max_len=3)
+            pk, values, version, seq = want_list(entry, "SnapshotChunk row", min_len=4, max_len=4)
             parsed.append(
                 SnapshotRow(
                     _pk_from_wire(pk, "SnapshotChunk primary key"),
                     None if values is None else want_row(values, "SnapshotChunk row"),
                     _version_from_wire(version, "SnapshotChunk version", origins),
+                    want_int(seq, "SnapshotChunk row sequence"),
                 )
             )
         return cls(

@@ -34,7 +34,7 @@ from replicator.rows import encode_row, key_sql, quote_identifier
 from replicator.store import Store
 from replicator.tables import OP_SKIP, TableInfo, inspect_table
 
-__all__ = ["Applier", "ApplyResult"]
+__all__ = ["Applier", "ApplyResult", "delete_sql", "upsert_sql"]
 
 _log = get_logger("applier")
 
@@ -325,7 +325,7 @@ class Applier:
         failed: set[tuple[str, str]] = set()
         for (_table, shape), members in groups.items():
             info = members[0].info
-            sql = _delete_sql(info) if shape is None else _upsert_sql(info, shape)
+            sql = delete_sql(info) if shape is None else upsert_sql(info, shape)
             params = [_params(member, shape) for member in members]
             try:
                 conn.executemany(sql, params)
@@ -454,13 +454,15 @@ _INSERT_LOG = (
 # A winner's row version is copied from its log entry in one statement.
 _SAVE_METAS = (
     "INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted, prev_hlc,"
-    " prev_node, prev_inc, prev_gen, hash)"
+    " prev_node, prev_inc, prev_gen, hash, seq)"
     " SELECT tbl, pk, hlc, origin_node, origin_inc, generation, op = 3, prev_hlc, prev_node,"
-    " prev_inc, prev_gen, NULL FROM _repl_log WHERE seq IN (SELECT value FROM json_each(?))"
+    " prev_inc, prev_gen, NULL, origin_seq"
+    " FROM _repl_log WHERE seq IN (SELECT value FROM json_each(?))"
     " ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node,"
     " inc = excluded.inc, generation = excluded.generation, deleted = excluded.deleted,"
     " prev_hlc = excluded.prev_hlc, prev_node = excluded.prev_node,"
-    " prev_inc = excluded.prev_inc, prev_gen = excluded.prev_gen, hash = NULL"
+    " prev_inc = excluded.prev_inc, prev_gen = excluded.prev_gen, hash = NULL,"
+    " seq = excluded.seq"
 )
 
 
@@ -505,7 +507,7 @@ def _current_row(conn: sqlite3.Connection, target: _Winner) -> dict[str, SqlValu
     return None if row is None else dict(zip(info.columns, row, strict=True))
 
 
-def _upsert_sql(info: TableInfo, columns: tuple[str, ...]) -> str:
+def upsert_sql(info: TableInfo, columns: tuple[str, ...]) -> str:
     names = ", ".join(quote_identifier(c) for c in columns)
     marks = ", ".join("?" for _ in columns)
     keys = ", ".join(quote_identifier(c) for c in info.primary_key)
@@ -522,7 +524,7 @@ def _upsert_sql(info: TableInfo, columns: tuple[str, ...]) -> str:
     )
 
 
-def _delete_sql(info: TableInfo) -> str:
+def delete_sql(info: TableInfo) -> str:
     where = " AND ".join(f"{quote_identifier(c)} IS ?" for c in info.primary_key)
     return f"DELETE FROM {quote_identifier(info.name)} WHERE {where}"
 

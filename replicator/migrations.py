@@ -153,6 +153,22 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX _repl_rowmeta_tombstones ON _repl_rowmeta (hlc) WHERE deleted;
         """,
     ),
+    (
+        4,
+        "origin sequence of row versions",
+        """
+        -- The origin sequence that wrote the current version, so a snapshot can tell whether
+        -- its sender had seen that version (NULL: written before this column existed).
+        ALTER TABLE _repl_rowmeta ADD COLUMN seq INTEGER;
+        -- A snapshot being received: held here until every chunk arrived and its checksums
+        -- matched, then merged. Rows keep the sender's order (id).
+        CREATE TABLE _repl_snapshot_stage (
+            id    INTEGER PRIMARY KEY,
+            tbl   TEXT NOT NULL,
+            row   BLOB NOT NULL
+        );
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -31,6 +31,7 @@ __all__ = [
     "encode_row",
     "json_value_sql",
     "key_sql",
+    "parse_key",
     "pk_key",
     "quote_identifier",
     "quote_literal",
@@ -126,3 +127,44 @@ def _quote(value: SqlValue, quote_real: Callable[[float], str]) -> str:
     if isinstance(value, bytes):
         return "X'" + value.hex().upper() + "'"
     return quote_real(value)
+
+
+def parse_key(key: str) -> tuple[SqlValue, ...]:
+    """The values of a key written by `pk_key` or `key_sql` (the inverse of both).
+
+    Reals come back as quote() printed them (15 significant digits), so a real key part may
+    not be the exact double stored; every other type is exact.
+    """
+    values: list[SqlValue] = []
+    index, end = 0, len(key)
+    while True:
+        if key.startswith("'", index):
+            close = index + 1
+            while True:
+                close = key.index("'", close)
+                if key.startswith("''", close):
+                    close += 2
+                    continue
+                break
+            values.append(key[index + 1 : close].replace("''", "'"))
+            index = close + 1
+        else:
+            stop = key.find(",", index)
+            stop = end if stop < 0 else stop
+            token = key[index:stop]
+            index = stop
+            if token == "NULL":  # noqa: S105 - SQL's NULL literal, not a secret
+                values.append(None)
+            elif token.startswith("X'") and token.endswith("'"):
+                values.append(bytes.fromhex(token[2:-1]))
+            elif token.startswith("T"):
+                values.append(bytes.fromhex(token[1:]).decode())
+            elif token.lstrip("-").isdigit():
+                values.append(int(token))
+            else:
+                values.append(float(token))
+        if index >= end:
+            return tuple(values)
+        if key[index] != ",":
+            raise ValueError(f"not a row key: {key!r}")
+        index += 1

@@ -132,14 +132,15 @@ def _capture(table: TableInfo, op: int) -> str:
         local_seq = local_seq + 1, log_seq = log_seq + 1
     WHERE id = 1;
     INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted,
-                               prev_hlc, prev_node, prev_inc, prev_gen, hash)
+                               prev_hlc, prev_node, prev_inc, prev_gen, hash, seq)
     SELECT {name}, {key}, hlc, node_id, incarnation, 1, {int(op == OP_DELETE)},
-           NULL, NULL, NULL, NULL, NULL
+           NULL, NULL, NULL, NULL, NULL, local_seq
     FROM _repl_clock WHERE id = 1
     ON CONFLICT (tbl, pk) DO UPDATE SET
         prev_hlc = hlc, prev_node = node, prev_inc = inc, prev_gen = generation,
         hlc = excluded.hlc, node = excluded.node, inc = excluded.inc,
-        generation = generation + 1, deleted = excluded.deleted, hash = NULL;
+        generation = generation + 1, deleted = excluded.deleted, hash = NULL,
+        seq = excluded.seq;
     INSERT INTO _repl_log (seq, origin_node, origin_inc, origin_seq, op, tbl, pk, new_row,
                            old_row, hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen)
     SELECT c.log_seq, c.node_id, c.incarnation, c.local_seq, {op}, {name}, {key}, {new_row},
@@ -183,14 +184,14 @@ def _capture_evictions(table: TableInfo) -> str:
     UPDATE _repl_evict
     SET n = (SELECT count(*) FROM _repl_evict AS e WHERE e.rowid <= _repl_evict.rowid);
     INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted,
-                               prev_hlc, prev_node, prev_inc, prev_gen, hash)
+                               prev_hlc, prev_node, prev_inc, prev_gen, hash, seq)
     SELECT {name}, e.pk, {tick_sql("c.hlc")} + e.n - 1, c.node_id, c.incarnation,
-           1, 1, NULL, NULL, NULL, NULL, NULL
+           1, 1, NULL, NULL, NULL, NULL, NULL, c.local_seq + e.n
     FROM _repl_clock AS c, _repl_evict AS e WHERE c.id = 1
     ON CONFLICT (tbl, pk) DO UPDATE SET
         prev_hlc = hlc, prev_node = node, prev_inc = inc, prev_gen = generation,
         hlc = excluded.hlc, node = excluded.node, inc = excluded.inc,
-        generation = generation + 1, deleted = 1, hash = NULL;
+        generation = generation + 1, deleted = 1, hash = NULL, seq = excluded.seq;
     INSERT INTO _repl_log (seq, origin_node, origin_inc, origin_seq, op, tbl, pk, new_row,
                            old_row, hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen)
     SELECT c.log_seq + e.n, c.node_id, c.incarnation, c.local_seq + e.n, {OP_DELETE}, {name},

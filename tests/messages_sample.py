@@ -91,7 +91,7 @@ def every_message() -> list[Message]:
             "dhcp_leases",
             0,
             (
-                SnapshotRow(("02:00:00:00:00:01",), dict(EVERY_VALUE), RowVersion(9, NODE1, 1)),
+                SnapshotRow(("02:00:00:00:00:01",), dict(EVERY_VALUE), RowVersion(9, NODE1, 1), 7),
                 SnapshotRow(("02:00:00:00:00:02",), None, RowVersion(10, NODE2, 4)),
             ),
         ),

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from protocol import Change, Op
 from replicator.errors import SchemaError
 from replicator.migrations import SCHEMA_VERSION
-from replicator.rows import decode_row, encode_row, key_sql, pk_key
+from replicator.rows import decode_row, encode_row, key_sql, parse_key, pk_key
 from replicator.store import Store, StoreSettings
 
 SCHEMA = """
@@ -313,3 +313,29 @@ def test_applier_follows_a_column_added_by_the_application(tmp_path: Path) -> No
     result = applier.apply(changes(source))
     assert result.quarantined == 0
     assert app(tmp_path / "b.db").execute("SELECT vendor FROM leases").fetchall() == [("acme",)]
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.none(),
+            st.integers(-(1 << 63), (1 << 63) - 1),
+            st.text(),
+            st.binary(),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+@settings(max_examples=200, deadline=None)
+def test_keys_read_back_to_their_values(values: list[object]) -> None:
+    conn = sqlite3.connect(":memory:")
+    key = pk_key(values, lambda x: str(conn.execute("SELECT quote(?)", (x,)).fetchone()[0]))  # type: ignore[arg-type]
+    assert parse_key(key) == tuple(values)
+    # SQLite's own spelling of the key (as the triggers compute it) reads back the same.
+    columns = ", ".join(f"? AS c{n}" for n in range(len(values)))
+    names = [f"c{n}" for n in range(len(values))]
+    (in_sql,) = conn.execute(
+        f"SELECT {key_sql(None, names)} FROM (SELECT {columns})", values
+    ).fetchone()
+    assert parse_key(in_sql) == tuple(values)

@@ -1,0 +1,589 @@
+"""Full resync: a consistent copy of the replicated tables, streamed in chunks and merged.
+
+The sender copies the state file with ``VACUUM INTO`` (one bounded read; the application keeps
+writing) and reads the copy out table by table in primary-key order: live rows with their
+versions, then tombstones. The copy also gives the version vector the rows correspond to and
+the log position the incremental stream resumes from, so nothing is sent twice or skipped.
+
+The receiver merges each chunk in one short transaction with capture suppressed, under the same
+version order as any change: a row is replaced only by a greater version, so its own newer,
+unshipped writes survive (and keep shipping). Tables are never dropped or recreated. Rows the
+receiver holds that the snapshot lacks are deleted only when the sender had seen their version
+(the row was deleted there and its tombstone collected); a version the sender never saw is
+kept. Only when every chunk arrived and each table's checksum matches does the receiver's
+version vector move to the snapshot's. An interrupted merge leaves every row at a version at
+least as new as before, and the next snapshot finishes the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from protocol import (
+    Origin,
+    RowVersion,
+    SnapshotBegin,
+    SnapshotChunk,
+    SnapshotEnd,
+    SnapshotRow,
+    SnapshotTable,
+)
+from protocol.checks import SqlValue
+from replicator.applier import Applier, delete_sql, upsert_sql
+from replicator.errors import ReplicationError
+from replicator.log import KEY_PEER, get_logger
+from replicator.rows import key_sql, parse_key, quote_identifier
+from replicator.store import StoreSettings, connect
+from replicator.tables import TableInfo
+
+__all__ = [
+    "SnapshotError",
+    "SnapshotMerge",
+    "SnapshotProgress",
+    "SnapshotSource",
+    "fold",
+    "row_hash",
+]
+
+_log = get_logger("snapshot")
+CHUNK_ROWS = 1000
+CHUNK_BYTES = 1 << 20
+_MODULUS = 1 << 128
+
+
+class SnapshotError(ReplicationError):
+    """A snapshot that cannot be taken or merged: mismatched tables, a failed checksum."""
+
+
+def row_hash(table: str, key: str, row: SnapshotRow) -> int:
+    """A row's contribution to its table's checksum: order-independent when summed."""
+    version = row.version
+    values = None if row.values is None else sorted(row.values.items())
+    origin = version.origin
+    fields = [table, key, values, version.hlc, origin.node_id, origin.incarnation]
+    packed = msgpack.packb([*fields, version.generation], use_bin_type=True)
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=16).digest(), "big")
+
+
+def fold(checksum: int, contribution: int) -> int:
+    return (checksum + contribution) % _MODULUS
+
+
+def _checksum_bytes(checksum: int) -> bytes:
+    return checksum.to_bytes(16, "big")
+
+
+@dataclass(slots=True)
+class SnapshotProgress:
+    """What status shows of a snapshot being sent or received."""
+
+    peer: str
+    direction: str  # "sending" | "receiving"
+    reason: str
+    started_at: float = field(default_factory=time.time)
+    rows: int = 0
+    total_rows: int = 0
+    bytes: int = 0
+    state: str = "running"  # running | done | failed
+    finished_at: float | None = None
+    error: str | None = None
+
+    def finish(self, error: str | None = None) -> None:
+        self.state = "failed" if error else "done"
+        self.error = error
+        self.finished_at = time.time()
+
+    def as_dict(self) -> dict[str, Any]:
+        percent = 100.0 if self.total_rows == 0 else 100.0 * self.rows / self.total_rows
+        end = self.finished_at or time.time()
+        return {
+            "peer": self.peer,
+            "direction": self.direction,
+            "reason": self.reason,
+            "state": self.state,
+            "rows": self.rows,
+            "total_rows": self.total_rows,
+            "bytes": self.bytes,
+            "percent": round(min(percent, 100.0), 1),
+            "seconds": round(end - self.started_at, 3),
+            "error": self.error,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Sending
+
+
+class SnapshotSource:
+    """A consistent copy of the state file, read out in chunks (use from one thread at a time).
+
+    ``open`` makes the copy; ``begin``, then `chunks`, then ``end`` give the messages; ``close``
+    removes the copy. Memory stays at one chunk whatever the table sizes.
+    """
+
+    def __init__(self, settings: StoreSettings, tables: Mapping[str, TableInfo], ident: int):
+        self.settings = settings
+        self.tables = dict(tables)
+        self.ident = ident
+        self.path = f"{settings.path}.snapshot-{ident}"
+        self._conn: sqlite3.Connection | None = None
+        self._checksums: dict[str, int] = {}
+        self._rows = 0
+        self.vector: dict[Origin, int] = {}
+        self.log_position = 0
+        self.origin: Origin | None = None
+
+    def open(self) -> SnapshotBegin:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        live = connect(self.settings)
+        try:
+            live.execute("VACUUM INTO ?", (self.path,))
+        finally:
+            live.close()
+        conn = self._conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False
+        )
+        progress = {
+            Origin(node, inc): seq
+            for node, inc, seq in conn.execute(
+                "SELECT origin_node, origin_inc, seq FROM _repl_progress"
+            )
+        }
+        node, inc, local_seq = conn.execute(
+            "SELECT node_id, incarnation, local_seq FROM _repl_clock WHERE id = 1"
+        ).fetchone()
+        self.origin = Origin(node, inc)
+        if local_seq:
+            progress[self.origin] = local_seq
+        self.vector = progress
+        self.log_position = int(
+            conn.execute("SELECT COALESCE(MAX(seq), 0) FROM _repl_log").fetchone()[0]
+        )
+        described = []
+        for name, info in sorted(self.tables.items()):
+            (live_rows,) = conn.execute(f"SELECT count(*) FROM {quote_identifier(name)}").fetchone()
+            (tombstones,) = conn.execute(
+                "SELECT count(*) FROM _repl_rowmeta WHERE tbl = ? AND deleted", (name,)
+            ).fetchone()
+            described.append(
+                SnapshotTable(name, info.columns, info.primary_key, live_rows + tombstones)
+            )
+        return SnapshotBegin(self.ident, dict(self.vector), tuple(described))
+
+    def chunks(self) -> Iterator[SnapshotChunk]:
+        """Every table's live rows then its tombstones, in chunks of rows and bytes."""
+        for name in sorted(self.tables):
+            index = 0
+            batch: list[SnapshotRow] = []
+            size = 0
+            for row in self._rows_of(name):
+                batch.append(row)
+                size += _row_size(row)
+                if len(batch) >= CHUNK_ROWS or size >= CHUNK_BYTES:
+                    yield SnapshotChunk(self.ident, name, index, tuple(batch))
+                    index, batch, size = index + 1, [], 0
+            if batch:
+                yield SnapshotChunk(self.ident, name, index, tuple(batch))
+
+    def _rows_of(self, name: str) -> Iterator[SnapshotRow]:
+        assert self._conn is not None
+        assert self.origin is not None
+        info = self.tables[name]
+        columns = info.columns
+        names = ", ".join(f"t.{quote_identifier(c)}" for c in columns)
+        order = ", ".join(f"t.{quote_identifier(c)}" for c in info.primary_key)
+        key_positions = [columns.index(c) for c in info.primary_key]
+        unknown = RowVersion(0, self.origin, 0)  # no recorded version: loses to any
+        checksum = self._checksums.get(name, 0)
+        cursor = self._conn.execute(
+            f"SELECT {names}, {key_sql('t', info.primary_key)},"
+            " m.hlc, m.node, m.inc, m.generation, m.seq"
+            f" FROM {quote_identifier(name)} AS t LEFT JOIN _repl_rowmeta AS m"
+            f" ON m.tbl = ? AND m.pk = {key_sql('t', info.primary_key)}"
+            f" ORDER BY {order}",
+            (name,),
+        )
+        width = len(columns)
+        while fetched := cursor.fetchmany(CHUNK_ROWS):
+            for record in fetched:
+                values = dict(zip(columns, record[:width], strict=True))
+                key, stamp, node, inc, generation, seq = record[width:]
+                version = (
+                    unknown if stamp is None else RowVersion(stamp, Origin(node, inc), generation)
+                )
+                row = SnapshotRow(
+                    tuple(record[i] for i in key_positions), values, version, seq or 0
+                )
+                checksum = fold(checksum, row_hash(name, key, row))
+                self._rows += 1
+                yield row
+        cursor = self._conn.execute(
+            "SELECT pk, hlc, node, inc, generation, seq FROM _repl_rowmeta"
+            " WHERE tbl = ? AND deleted ORDER BY pk",
+            (name,),
+        )
+        while fetched := cursor.fetchmany(CHUNK_ROWS):
+            for key, stamp, node, inc, generation, seq in fetched:
+                row = SnapshotRow(
+                    parse_key(key), None, RowVersion(stamp, Origin(node, inc), generation), seq or 0
+                )
+                checksum = fold(checksum, row_hash(name, key, row))
+                self._rows += 1
+                yield row
+        self._checksums[name] = checksum
+
+    def end(self) -> SnapshotEnd:
+        checksums = {name: _checksum_bytes(self._checksums.get(name, 0)) for name in self.tables}
+        return SnapshotEnd(self.ident, checksums, self._rows)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def _row_size(row: SnapshotRow) -> int:
+    values = row.values or {}
+    return 48 + sum(len(v) if isinstance(v, str | bytes) else 8 for v in values.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Receiving
+
+
+class SnapshotMerge:
+    """Merges one snapshot into the applier's database (use from one thread at a time)."""
+
+    def __init__(self, applier: Applier, begin: SnapshotBegin, peer: str) -> None:
+        self.applier = applier
+        self.begin = begin
+        self.peer = peer
+        self.vector = dict(begin.version_vector)
+        tables = applier.store.tables
+        for table in begin.tables:
+            info = tables.get(table.name)
+            if info is None:
+                raise SnapshotError(
+                    f"snapshot from {peer} carries table {table.name!r}, not replicated here",
+                    op="snapshot",
+                    peer=peer,
+                )
+            if set(table.columns) != set(info.columns) or table.primary_key != info.primary_key:
+                raise SnapshotError(
+                    f"table {table.name!r} differs from {peer}'s: columns "
+                    f"{sorted(table.columns)} key {list(table.primary_key)} there, "
+                    f"{sorted(info.columns)} key {list(info.primary_key)} here",
+                    op="snapshot",
+                    peer=peer,
+                )
+        self.expected = {table.name for table in begin.tables}
+        self.checksums: dict[str, int] = {}
+        self.rows = 0
+        self.written = 0
+        self.removed = 0
+        self.refused = 0
+        self._last_live: dict[str, tuple[SqlValue, ...]] = {}
+        self._live_done: set[str] = set()
+        self._current: str | None = None
+        self._next_index: dict[str, int] = {}
+        self._staging = False
+
+    # -- chunks ----------------------------------------------------------------------------
+
+    def chunk(self, chunk: SnapshotChunk) -> None:
+        """Check and hold one chunk; nothing is merged before the whole snapshot verified."""
+        if chunk.snapshot_id != self.begin.snapshot_id or chunk.table not in self.expected:
+            raise SnapshotError(f"unexpected chunk for {chunk.table!r} from {self.peer}",
+                                op="snapshot", peer=self.peer)  # fmt: skip
+        if chunk.index != self._next_index.get(chunk.table, 0):
+            raise SnapshotError(f"chunk {chunk.index} of {chunk.table!r} out of order",
+                                op="snapshot", peer=self.peer)  # fmt: skip
+        self._next_index[chunk.table] = chunk.index + 1
+        store = self.applier.store
+        checksum = self.checksums.get(chunk.table, 0)
+        staged = []
+        for row in chunk.rows:
+            checksum = fold(checksum, row_hash(chunk.table, store.key(row.pk), row))
+            staged.append((chunk.table, _stage_row(row)))
+        self.checksums[chunk.table] = checksum
+        self.rows += len(staged)
+        store.begin_immediate()
+        try:
+            if not self._staging:
+                store.conn.execute("DELETE FROM _repl_snapshot_stage")
+                self._staging = True
+            store.conn.executemany(
+                "INSERT INTO _repl_snapshot_stage (tbl, row) VALUES (?, ?)", staged
+            )
+            store.commit()
+        except BaseException:
+            store.rollback()
+            raise
+
+    def _merge_staged(self) -> None:
+        """Merge the verified rows, one chunk per transaction, in the sender's order."""
+        conn = self.applier.store.conn
+        after = 0
+        while True:
+            batch = conn.execute(
+                "SELECT id, tbl, row FROM _repl_snapshot_stage WHERE id > ? ORDER BY id LIMIT ?",
+                (after, CHUNK_ROWS),
+            ).fetchall()
+            if not batch:
+                return
+            after = batch[-1][0]
+            start = 0
+            for index in range(1, len(batch) + 1):  # split where the table changes
+                if index == len(batch) or batch[index][1] != batch[start][1]:
+                    table = batch[start][1]
+                    self._merge_chunk(table, [_unstage_row(r[2]) for r in batch[start:index]])
+                    start = index
+
+    def _merge_chunk(self, table: str, rows: Sequence[SnapshotRow]) -> None:
+        if self._current is not None and self._current != table:
+            self._end_live_rows(self._current)
+        self._current = table
+        store = self.applier.store
+        info = store.tables[table]
+        keyed = [(store.key(row.pk), row) for row in rows]
+        live = [(key, row) for key, row in keyed if row.values is not None]
+        with self._transaction() as conn:
+            self._merge(conn, info, keyed)
+            if live:
+                self._sweep(conn, info, self._last_live.get(table), live[-1][1].pk,
+                            {key for key, _ in live})  # fmt: skip
+                self._last_live[table] = live[-1][1].pk
+        if len(live) < len(keyed):  # tombstones come after the live rows
+            self._end_live_rows(table)
+
+    def _merge(
+        self, conn: sqlite3.Connection, info: TableInfo, keyed: Sequence[tuple[str, SnapshotRow]]
+    ) -> None:
+        order = self.applier.resolver_for(info.name).order_key
+        current = _load_versions(conn, info.name, [key for key, _ in keyed])
+        columns = info.columns
+        delete = delete_sql(info)
+        upsert = upsert_sql(info, columns)
+        highest = 0
+        for key, row in keyed:
+            mine = current.get(key)
+            if mine is not None and order(row.version) <= order(mine):
+                continue
+            try:
+                if row.values is None:
+                    conn.execute(delete, row.pk)
+                else:
+                    conn.execute(upsert, [row.values.get(c) for c in columns])
+            except sqlite3.IntegrityError as error:
+                # Another row here holds one of its UNIQUE values: keep ours, say so.
+                self.refused += 1
+                _log.warning("snapshot row refused here", reason=str(error), key=key,
+                             table=info.name, **{KEY_PEER: self.peer})  # fmt: skip
+                continue
+            _save_version(conn, info.name, key, row)
+            highest = max(highest, row.version.hlc)
+            self.written += 1
+        if highest:
+            conn.execute("UPDATE _repl_clock SET hlc = MAX(hlc, ?) WHERE id = 1", (highest,))
+
+    def _sweep(
+        self,
+        conn: sqlite3.Connection,
+        info: TableInfo,
+        after: tuple[SqlValue, ...] | None,
+        through: tuple[SqlValue, ...] | None,
+        seen: set[str],
+    ) -> tuple[int, tuple[SqlValue, ...] | None]:
+        """Delete the rows between two keys the snapshot skipped, if the sender had seen their
+        version (they were deleted there); keep those it never saw. Without ``through``, looks
+        at one chunk of rows. Returns how many rows it looked at and the last one's key."""
+        keys = ", ".join(f"t.{quote_identifier(c)}" for c in info.primary_key)
+        marks = ", ".join("?" for _ in info.primary_key)
+        where, params = [], []
+        if after is not None:
+            where.append(f"({keys}) > ({marks})")
+            params += list(after)
+        if through is not None:
+            where.append(f"({keys}) <= ({marks})")
+            params += list(through)
+        key_expr = key_sql("t", info.primary_key)
+        rows = conn.execute(
+            f"SELECT {keys}, {key_expr}, m.node, m.inc, m.seq"
+            f" FROM {quote_identifier(info.name)} AS t"
+            f" LEFT JOIN _repl_rowmeta AS m ON m.tbl = ? AND m.pk = {key_expr}"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + f" ORDER BY {keys}"
+            + (f" LIMIT {CHUNK_ROWS}" if through is None else ""),
+            [info.name, *params],
+        ).fetchall()
+        width = len(info.primary_key)
+        delete = delete_sql(info)
+        for record in rows:
+            key, node, inc, seq = record[width:]
+            if key in seen or seq is None:
+                continue
+            if seq <= self.vector.get(Origin(node, inc), 0):
+                conn.execute(delete, record[:width])
+                conn.execute("DELETE FROM _repl_rowmeta WHERE tbl = ? AND pk = ?", (info.name, key))
+                self.removed += 1
+        return len(rows), (tuple(rows[-1][:width]) if rows else None)
+
+    def _end_live_rows(self, table: str) -> None:
+        """No more live rows of ``table`` will come: sweep past the last one, in chunks."""
+        if table in self._live_done:
+            return
+        self._live_done.add(table)
+        info = self.applier.store.tables[table]
+        after = self._last_live.get(table)
+        while True:
+            with self._transaction() as conn:
+                looked, last = self._sweep(conn, info, after, None, set())
+            if looked < CHUNK_ROWS:
+                return
+            after = last
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def finish(self, end: SnapshotEnd, *, verify: bool = True) -> dict[Origin, int]:
+        """Check what arrived, sweep the rest, and move the version vector to the snapshot's.
+        Returns the vector this node holds now."""
+        try:
+            self._verify(end, verify)
+        except SnapshotError:
+            self.discard()
+            raise
+        self._merge_staged()
+        for name in sorted(self.expected):
+            self._end_live_rows(name)
+        store = self.applier.store
+        own = store.clock().origin
+        with self._transaction() as conn:
+            held = store.version_vector()
+            for origin, seq in self.vector.items():
+                if origin == own or held.get(origin, 0) >= seq:
+                    continue
+                conn.execute(
+                    "INSERT INTO _repl_progress (origin_node, origin_inc, seq) VALUES (?, ?, ?)"
+                    " ON CONFLICT (origin_node, origin_inc) DO UPDATE"
+                    " SET seq = MAX(seq, excluded.seq)",
+                    (origin.node_id, origin.incarnation, seq),
+                )
+                # This node's log never held those entries: a peer lacking them needs a
+                # snapshot too.
+                conn.execute(
+                    "INSERT INTO _repl_log_floor (origin_node, origin_inc, seq) VALUES (?, ?, ?)"
+                    " ON CONFLICT (origin_node, origin_inc) DO UPDATE"
+                    " SET seq = MAX(seq, excluded.seq)",
+                    (origin.node_id, origin.incarnation, seq),
+                )
+            vector = store.version_vector()
+            conn.execute("DELETE FROM _repl_snapshot_stage")
+        _log.info("snapshot merged", rows=self.rows, written=self.written, removed=self.removed,
+                  **{KEY_PEER: self.peer})  # fmt: skip
+        return vector
+
+    def _verify(self, end: SnapshotEnd, checksums: bool) -> None:
+        if end.snapshot_id != self.begin.snapshot_id:
+            raise SnapshotError("snapshot end for another snapshot", op="snapshot", peer=self.peer)
+        if end.row_count != self.rows:
+            raise SnapshotError(f"snapshot from {self.peer} announced {end.row_count} rows, "
+                                f"{self.rows} arrived", op="snapshot", peer=self.peer)  # fmt: skip
+        if not checksums:
+            return
+        for name in sorted(self.expected):
+            if end.table_checksums.get(name) != _checksum_bytes(self.checksums.get(name, 0)):
+                raise SnapshotError(
+                    f"checksum of {name!r} from {self.peer} does not match what arrived",
+                    op="snapshot",
+                    peer=self.peer,
+                )
+
+    def discard(self) -> None:
+        """Forget the rows held for this snapshot (it failed or was abandoned)."""
+        store = self.applier.store
+        store.begin_immediate()
+        try:
+            store.conn.execute("DELETE FROM _repl_snapshot_stage")
+            store.commit()
+        except BaseException:
+            store.rollback()
+            raise
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction with capture suppressed (the applier's marker row)."""
+        store = self.applier.store
+        conn = store.conn
+        store.begin_immediate()
+        try:
+            conn.execute("INSERT INTO _repl_applying (marker) VALUES (1)")
+            yield conn
+            conn.execute("DELETE FROM _repl_applying")
+            store.commit()
+        except BaseException:
+            store.rollback()
+            raise
+
+
+def _stage_row(row: SnapshotRow) -> bytes:
+    version = row.version
+    origin = version.origin
+    fields = [list(row.pk), row.values, version.hlc, origin.node_id, origin.incarnation]
+    packed: bytes = msgpack.packb([*fields, version.generation, row.seq], use_bin_type=True)
+    return packed
+
+
+def _unstage_row(data: bytes) -> SnapshotRow:
+    pk, values, stamp, node, inc, generation, seq = msgpack.unpackb(data, raw=False)
+    return SnapshotRow(tuple(pk), values, RowVersion(stamp, Origin(node, inc), generation), seq)
+
+
+def _load_versions(
+    conn: sqlite3.Connection, table: str, keys: Sequence[str]
+) -> dict[str, RowVersion]:
+    if not keys:
+        return {}
+    return {
+        key: RowVersion(stamp, Origin(node, inc), generation)
+        for key, stamp, node, inc, generation in conn.execute(
+            "SELECT pk, hlc, node, inc, generation FROM _repl_rowmeta"
+            " WHERE tbl = ? AND pk IN (SELECT value FROM json_each(?))",
+            (table, json.dumps(list(keys))),
+        )
+    }
+
+
+def _save_version(conn: sqlite3.Connection, table: str, key: str, row: SnapshotRow) -> None:
+    version = row.version
+    conn.execute(
+        "INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted, prev_hlc,"
+        " prev_node, prev_inc, prev_gen, hash, seq)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, NULL, ?)"
+        " ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node,"
+        " inc = excluded.inc, generation = excluded.generation, deleted = excluded.deleted,"
+        " prev_hlc = NULL, prev_node = NULL, prev_inc = NULL, prev_gen = NULL, hash = NULL,"
+        " seq = excluded.seq",
+        (
+            table,
+            key,
+            version.hlc,
+            version.origin.node_id,
+            version.origin.incarnation,
+            version.generation,
+            int(row.values is None),
+            row.seq or None,
+        ),
+    )
