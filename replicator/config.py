@@ -473,7 +473,10 @@ class FilterConfig:
 @dataclass(frozen=True, slots=True)
 class ResyncConfig:
     auto_resync: bool = True
-    resync_threshold: int = 1000
+    # A peer further behind than this gets a snapshot instead of the log. The default is
+    # higher than the seed's example (1000): replaying a short outage is cheaper than copying
+    # every table.
+    resync_threshold: int = 100_000
     resync_interval: float = 3600.0
     full_resync_schedule: str | None = None
     full_resync_compression: bool = True
@@ -682,7 +685,7 @@ def _resync(section: _Section) -> ResyncConfig:
     incremental = section.section("incremental")
     config = ResyncConfig(
         auto_resync=section.boolean("auto_resync", True),
-        resync_threshold=section.integer("resync_threshold", 1000, 1),
+        resync_threshold=section.integer("resync_threshold", 100_000, 1),
         resync_interval=section.duration("resync_interval", 3600.0),
         full_resync_schedule=full.optional_string("schedule"),
         full_resync_compression=full.boolean("compression", True),

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -30,6 +31,10 @@ from protocol import (
     Origin,
     Resend,
     Skip,
+    SnapshotBegin,
+    SnapshotChunk,
+    SnapshotEnd,
+    SnapshotRequest,
 )
 from replicator import hlc
 from replicator.applier import ApplyResult
@@ -80,6 +85,28 @@ Apply = Callable[
 WaitLog = Callable[[int], Awaitable[None]]
 
 
+class Snapshots(Protocol):
+    """What a link needs from the node for full resyncs (see `replicator.snapshot`)."""
+
+    def log_floor(self) -> Mapping[Origin, int]:
+        """Per origin, the sequence at or below which this node's log holds nothing."""
+
+    async def send(
+        self, connection: PeerConnection, peer: str, reason: str
+    ) -> tuple[int, dict[Origin, int]]:
+        """Stream a snapshot; returns the log position and vector it corresponds to."""
+
+    async def begin(self, peer: str, message: SnapshotBegin) -> None: ...
+
+    async def chunk(self, peer: str, message: SnapshotChunk) -> None: ...
+
+    async def end(self, peer: str, message: SnapshotEnd) -> dict[Origin, int]:
+        """Verify and merge; returns the vector this node holds now."""
+
+    def wanted(self, peer: str, missing: list[str]) -> bool:
+        """The peer lacks entries below the log floor: snapshot it (True) or give up."""
+
+
 class Link:
     def __init__(
         self,
@@ -94,6 +121,7 @@ class Link:
         wait_for_log: WaitLog,
         vector: Callable[[], dict[Origin, int]],
         cluster: ClusterView,
+        snapshots: Snapshots,
         pause: PauseSwitch | None = None,
     ) -> None:
         self.connection = connection
@@ -106,6 +134,8 @@ class Link:
         self._wait_for_log = wait_for_log
         self._vector = vector
         self._cluster = cluster
+        self._snapshots = snapshots
+        self._snapshot_reason: str | None = None
         self._pause = pause or PauseSwitch()
         self._owe_resend = False
         self._log = get_logger("link", **{KEY_PEER: hello.node_id})
@@ -167,16 +197,49 @@ class Link:
 
     # -- sending ---------------------------------------------------------------------------
 
+    async def pull(self, *, full: bool, reason: str) -> None:
+        """Ask the peer for its whole state (a snapshot) or to stream its log again."""
+        if full:
+            await self.connection.send(SnapshotRequest((), reason))
+        else:
+            await self.connection.send(Resend(self._vector()))
+
+    def request_snapshot(self, reason: str) -> None:
+        """Send the peer a full snapshot before anything else from the log."""
+        if self._snapshot_reason is None:
+            self._snapshot_reason = reason
+
+    def _below_floor(self) -> list[str]:
+        return [
+            f"{origin} <= {seq}"
+            for origin, seq in self._snapshots.log_floor().items()
+            if self._have.get(origin, 0) < seq
+        ]
+
     async def _send_loop(self) -> None:
         position = self._start_position
         while True:
             await self._pause.wait_until_running()
             if self._rewind:
                 position, self._rewind = 0, False
+            missing = self._below_floor()
+            if missing and self._snapshot_reason is None:
+                if not self._snapshots.wanted(self.peer, missing):
+                    raise PeerDisconnected(
+                        "peer lacks entries below the log floor", op="send", peer=self.peer
+                    )
+                self.request_snapshot("peer lacks entries below this node's log floor")
+            if self._snapshot_reason is not None:
+                reason, self._snapshot_reason = self._snapshot_reason, None
+                position, vector = await self._snapshots.send(self.connection, self.peer, reason)
+                _merge(self._have, vector)
+                continue
             records, read_through = await self._read_log(position, self.settings.batch_size)
             if not records:
                 if read_through > position:
                     position = self.status.sent_position = read_through
+                    if not self._in_flight:  # nothing of it was for the peer
+                        self.status.acked_position = max(self.status.acked_position, position)
                 await self._wait_for_log(position)
                 continue
             position = records[-1].position
@@ -266,6 +329,16 @@ class Link:
             _merge(self.status.peer_vector, message.version_vector)
             _merge(self._have, message.version_vector)  # it may hold more, from other peers
             self._cluster.merge(message.known)
+        elif isinstance(message, SnapshotRequest):
+            self._log.info("peer asked for a snapshot", reason=message.reason)
+            self.request_snapshot(f"requested by {self.peer}: {message.reason}")
+        elif isinstance(message, SnapshotBegin):
+            await self._snapshots.begin(self.peer, message)
+        elif isinstance(message, SnapshotChunk):
+            await self._snapshots.chunk(self.peer, message)
+        elif isinstance(message, SnapshotEnd):
+            vector = await self._snapshots.end(self.peer, message)
+            await self.connection.send(Ack(vector, 0))
         elif isinstance(message, Resend):
             # Whatever is in flight will not be acknowledged: start again from its vector.
             self.status.peer_vector = dict(message.version_vector)

@@ -19,7 +19,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,7 +29,7 @@ from protocol import Change, Hello, Keyring, Origin, SessionSettings, Skip, stre
 from replicator import dbcall, hlc, retention
 from replicator.applier import Applier, ApplyResult
 from replicator.config import Config
-from replicator.control import Request, Response, Routes, serve_control
+from replicator.control import ControlError, Request, Response, Routes, serve_control
 from replicator.detector import Detector
 from replicator.errors import ConfigError
 from replicator.link import Link, LinkSettings, PauseSwitch, PeerStatus
@@ -44,6 +44,7 @@ from replicator.membership import (
 from replicator.migrations import SCHEMA_VERSION
 from replicator.peer import PeerConnection, PeerDisconnected, PeerSettings
 from replicator.resolvers import ManualResolver, Resolver, TimestampResolver, make_resolver
+from replicator.resync import Resync
 from replicator.store import LogRecord, Store, StoreSettings
 
 __all__ = ["Node", "NodeOptions", "unbuilt_settings"]
@@ -132,6 +133,14 @@ class Node:
         self._peer_roles: dict[str, str] = {}
         self.started_at = time.time()
         self.origin: Origin | None = None
+        self.resync = Resync(
+            self.store_settings,
+            replication.recovery,
+            self._the_applier,
+            self._apply_limiter,
+            self.alarms,
+            self._merged_snapshot,
+        )
         self._commit_is_quick = config.state.database.synchronous in ("OFF", "NORMAL")
         self._wal = config.state.database.journal_mode.upper() == "WAL"
 
@@ -146,6 +155,7 @@ class Node:
                 hint="remove these settings; replicator never ignores a setting silently",
             )
         store = await trio.to_thread.run_sync(self._prepare)
+        await trio.to_thread.run_sync(self.resync.refresh_floor)
         self._peer_settings = await trio.to_thread.run_sync(self._peer_settings_from_config)
         self.origin = store.origin
         detector = Detector(self.store_settings, after=0, batch_size=self.options.link.batch_size)
@@ -335,6 +345,7 @@ class Node:
                          entries=past_floor)  # fmt: skip
         if removed:
             _log.info("log truncated below the cluster-wide floor", entries=removed)
+            await trio.to_thread.run_sync(self.resync.refresh_floor, limiter=self._apply_limiter)
         reports = self.cluster.snapshot(self._vector_cache, now_ms)
         bound = await step(retention.stable_bound, reports, floor)
         stamp_ordered = [
@@ -359,7 +370,34 @@ class Node:
             ("POST", "/api/replication/pause"): self._pause_route,
             ("POST", "/api/replication/resume"): self._resume_route,
             ("POST", "/api/replication/promote"): self._promote_route,
+            ("POST", "/api/replication/resync"): self._resync_route,
         }
+
+    async def _resync_route(self, request: Request) -> Response:
+        """This node pulls from a peer: its whole state (``full``) or its log again."""
+        body = request.json()
+        if not isinstance(body, dict):
+            raise ControlError(400, "request body must be a JSON object")
+        full = body.get("full", False)
+        peer = body.get("peer")
+        if not isinstance(full, bool) or not (peer is None or isinstance(peer, str)):
+            raise ControlError(400, "invalid resync request",
+                               '"full" must be true or false, "peer" a node id')  # fmt: skip
+        if peer is None:
+            connected = sorted(self.links)
+            if not connected:
+                raise ControlError(409, "no peer is connected", "nothing to resync from")
+            peer = connected[0]
+        elif peer not in self.peers:
+            raise ControlError(404, f"no configured peer {peer!r}",
+                               f"configured: {', '.join(sorted(self.peers))}")  # fmt: skip
+        link = self.links.get(peer)
+        if link is None:
+            raise ControlError(409, f"peer {peer!r} is not connected",
+                               "resync needs a live link; see /api/replication/peers")  # fmt: skip
+        await link.pull(full=full, reason="requested by the operator")
+        _log.info("resync requested", full=full, **{KEY_PEER: peer})
+        return Response(202, {"peer": peer, "full": full, "requested": True})
 
     async def _pause_route(self, request: Request) -> Response:
         self.pause_switch.pause()
@@ -434,6 +472,7 @@ class Node:
             "log_position": position,
             "version_vector": {str(o): seq for o, seq in self._vector_cache.items()},
             "peers": peers,
+            "snapshots": self.resync.report(),
         }
 
     async def shutdown(self) -> None:
@@ -494,19 +533,7 @@ class Node:
             return
         peer_id = hello.node_id
         log = _log.bind(**{KEY_PEER: peer_id})
-        missing = await trio.to_thread.run_sync(
-            self._below_floor, hello, limiter=self._apply_limiter
-        )
-        if missing:
-            message = (
-                f"{peer_id} lacks entries this node's log no longer holds ({missing}); "
-                "it needs a full resync from a snapshot"
-            )
-            self.alarms[f"needs_snapshot:{peer_id}"] = message
-            log.error("peer below the log floor", origins=missing)
-            await connection.close("needs a snapshot")
-            return
-        self.alarms.pop(f"needs_snapshot:{peer_id}", None)
+        self.alarms.pop(f"needs_snapshot:{peer_id}", None)  # the link raises it again if so
         preferred = min(self.node_id, peer_id)
         dialled_by = initiator if initiator is not None else peer_id
         existing = self.links.get(peer_id)
@@ -531,8 +558,15 @@ class Node:
             wait_for_log=self._wait_for_log,
             vector=self._last_vector,
             cluster=self.cluster,
+            snapshots=self.resync,
             pause=self.pause_switch,
         )
+        behind = self._changes_behind(hello.version_vector)
+        recovery = self.config.replication.recovery
+        if recovery.auto_resync and behind > recovery.resync_threshold:
+            link.request_snapshot(
+                f"{behind} changes behind (resync_threshold {recovery.resync_threshold})"
+            )
         self.links[peer_id] = link
         log.info("peer connected", remote=connection.label, dialled_by=dialled_by)
         try:
@@ -543,6 +577,7 @@ class Node:
             log.warning("peer disconnected", reason=error.message)
         finally:
             if self.links.get(peer_id) is link:  # not replaced by a preferred connection
+                self.resync.abandon(peer_id)
                 del self.links[peer_id]
                 self.status[peer_id].state = "disconnected"
                 self._peer_roles.pop(peer_id, None)
@@ -602,14 +637,18 @@ class Node:
         self._vector_cache = result.held
         return result, result.held
 
-    def _below_floor(self, hello: Hello) -> list[str]:
-        assert self._applier is not None
-        floor = self._applier.store.log_floor()
-        return [
-            str(origin)
-            for origin, seq in floor.items()
-            if hello.version_vector.get(origin, 0) < seq
-        ]
+    def _the_applier(self) -> Applier:
+        assert self._applier is not None, "the node is not prepared yet"
+        return self._applier
+
+    def _changes_behind(self, vector: Mapping[Origin, int]) -> int:
+        """How many changes this node holds that a peer with ``vector`` lacks."""
+        return sum(
+            max(0, seq - vector.get(origin, 0)) for origin, seq in self._vector_cache.items()
+        )
+
+    def _merged_snapshot(self, vector: dict[Origin, int]) -> None:
+        self._vector_cache = vector
 
     def _vector_now(self) -> dict[Origin, int]:
         assert self._applier is not None

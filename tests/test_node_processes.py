@@ -501,7 +501,7 @@ def tombstone_count(node: NodeProcess) -> int:
         conn.close()
 
 
-def test_peer_that_lost_truncated_entries_is_told_it_needs_a_snapshot(
+def test_peer_that_lost_truncated_entries_gets_a_snapshot_and_converges(
     tmp_path: Path, nodes: list[NodeProcess]
 ) -> None:
     a = NodeProcess(tmp_path, "a", "127.0.0.1", truncate_interval="300ms")
@@ -517,9 +517,21 @@ def test_peer_that_lost_truncated_entries_is_told_it_needs_a_snapshot(
     for leftover in b.directory.glob("state.db*"):
         leftover.unlink()  # b's disk was replaced: it starts empty
     b.start([a])
-    wait_until(lambda: bool(a.logged("peer below the log floor", peer="b")),
-               what="a to refuse b")  # fmt: skip
-    assert any("needs a full resync" in alarm for alarm in a.status()["alarms"])
+    wait_until(lambda: len(b.logged("node started")) == 2, what="b to start again")
+    wait_until(lambda: b.count("dhcp_leases") == 100, what="b to get the leases by snapshot")
+    assert a.logged("sending a snapshot", peer="b")
+    assert b.logged("snapshot merged", peer="a")
+    # The stream resumes after the snapshot, both ways.
+    with a.app() as app:
+        app.execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('after', '10.9.0.1', 1)")
+    with b.app() as app:
+        app.execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('from-b', '10.9.0.2', 1)")
+    wait_until(lambda: a.rows("dhcp_leases") == b.rows("dhcp_leases")
+               and a.count("dhcp_leases") == 102, what="both to converge")  # fmt: skip
+    snapshots = a.status()["snapshots"]
+    assert [(s["peer"], s["direction"], s["state"], s["percent"]) for s in snapshots] == [
+        ("b", "sending", "done", 100.0)
+    ]
 
 
 def test_lag_beyond_max_lag_raises_an_alarm_that_clears_when_the_peer_catches_up(
