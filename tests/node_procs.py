@@ -53,7 +53,11 @@ class NodeProcess:
         truncate_interval: str = "30s",
         max_lag: str = "10s",
         liveness_timeout: str = "10s",
+        extra: str = "",
     ) -> None:
+        self.extra = extra  # more lines for the replication block, as HCL
+        # Where this node dials each peer, when not the peer's own address (a proxy, say).
+        self.peer_addresses: dict[str, str] = {}
         self.liveness_timeout = liveness_timeout
         self.max_lag = max_lag
         self.mode = mode
@@ -73,7 +77,7 @@ class NodeProcess:
 
     def write_config(self, peers: list[NodeProcess]) -> Path:
         peer_lines = ",\n".join(
-            f'    {{ id = "{p.node_id}", address = "{p.host}:{p.port}" }}' for p in peers
+            f'    {{ id = "{p.node_id}", address = "{self.peer_address(p)}" }}' for p in peers
         )
         config = self.directory / "node.hcl"
         config.write_text(
@@ -97,10 +101,14 @@ replication {{
   data = {{ {self.tables} }}
   conflict_resolution = {{ strategy = "{self.strategy}" }}
   control_socket = "control.sock"
+{self.extra}
 }}
 """
         )
         return config
+
+    def peer_address(self, peer: NodeProcess) -> str:
+        return self.peer_addresses.get(peer.node_id, f"{peer.host}:{peer.port}")
 
     def start(self, peers: list[NodeProcess]) -> None:
         self.start_with_config(self.write_config(peers))
@@ -148,23 +156,27 @@ replication {{
     def control_socket(self) -> Path:
         return self.directory / "control.sock"
 
-    def api(self, method: str, path: str) -> tuple[int, Any]:
+    def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """One request on the control socket, as curl --unix-socket would make it."""
         wait_until(self.control_socket.exists, what=f"{self.node_id}'s control socket")
+        payload = b"" if body is None else json.dumps(body).encode()
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\n"
+        if payload:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.settimeout(10)
             client.connect(str(self.control_socket))
-            client.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            client.sendall(f"{head}\r\n".encode() + payload)
             data = b""
             while chunk := client.recv(65536):
                 data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
         return int(head.split()[1]), json.loads(body)
 
-    def post(self, path: str) -> dict[str, Any]:
-        code, body = self.api("POST", path)
-        assert code == 200, body
-        return dict(body)
+    def post(self, path: str, body: Any = None) -> dict[str, Any]:
+        code, reply = self.api("POST", path, body)
+        assert code in (200, 202), reply
+        return dict(reply)
 
     def status(self) -> dict[str, Any]:
         code, body = self.api("GET", "/api/replication/status")
