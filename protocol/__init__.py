@@ -7,6 +7,7 @@ Nothing here touches a socket, a clock other than an injected one, or a database
 from protocol.crypto import PROTOCOL_VERSION, Keyring, key_id, stretch_passphrase
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.messages import (
+    BUCKETS,
     Ack,
     Change,
     Changes,
@@ -38,6 +39,7 @@ from protocol.session import (
 )
 
 __all__ = [
+    "BUCKETS",
     "PROTOCOL_VERSION",
     "Ack",
     "Change",

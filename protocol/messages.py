@@ -30,6 +30,7 @@ from protocol.crypto import PROTOCOL_VERSION
 from protocol.errors import RemoteProtocolError
 
 __all__ = [
+    "BUCKETS",
     "MESSAGE_TYPES",
     "Ack",
     "Change",
@@ -56,6 +57,9 @@ __all__ = [
 
 MAX_FINGERPRINT = 64
 MAX_CHECKSUM = 64
+BUCKETS = 256
+"""Repairs split each table's keys into this many buckets, by a hash of the key."""
+BUCKET_CHECKSUM = 16
 MAX_ORIGINS = 4096
 MAX_TABLES = 4096
 MAX_CAPABILITIES = 64
@@ -206,11 +210,11 @@ def _names_from_wire(value: Any, what: str, *, min_len: int = 0) -> tuple[str, .
     )
 
 
-def _checksums_from_wire(value: Any, what: str) -> dict[str, bytes]:
+def _checksums_from_wire(value: Any, what: str, max_len: int = MAX_CHECKSUM) -> dict[str, bytes]:
     if type(value) is not dict or len(value) > MAX_TABLES:
         raise RemoteProtocolError(f"{what}: expected a map of at most {MAX_TABLES} tables")
     return {
-        want_name(table, f"{what} table"): want_bytes(digest, what, max_len=MAX_CHECKSUM)
+        want_name(table, f"{what} table"): want_bytes(digest, what, max_len=max_len)
         for table, digest in value.items()
     }
 
@@ -439,6 +443,8 @@ class Heartbeat:
     version_vector: VersionVector
     table_checksums: Mapping[str, bytes]
     known: Mapping[str, tuple[int, VersionVector]] = field(default_factory=dict)
+    checksum_vector: VersionVector = field(default_factory=dict)
+    """The version vector the table checksums were computed at (not the current one)."""
 
     def to_wire(self) -> list[Any]:
         return [
@@ -446,11 +452,12 @@ class Heartbeat:
             _vector_to_wire(self.version_vector),
             dict(self.table_checksums),
             [[node, at, _vector_to_wire(vector)] for node, (at, vector) in self.known.items()],
+            _vector_to_wire(self.checksum_vector),
         ]
 
     @classmethod
     def from_wire(cls, value: Any) -> Self:
-        wall, vector, checksums, known = _fields(value, cls, 4)
+        wall, vector, checksums, known, checksum_vector = _fields(value, cls, 5)
         nodes: dict[str, tuple[int, VersionVector]] = {}
         for entry in want_list(known, "Heartbeat known nodes", max_len=MAX_ORIGINS):
             node, at, node_vector = want_list(entry, "Heartbeat node", min_len=3, max_len=3)
@@ -463,6 +470,7 @@ class Heartbeat:
             _vector_from_wire(vector, "Heartbeat version vector"),
             _checksums_from_wire(checksums, "Heartbeat checksums"),
             nodes,
+            _vector_from_wire(checksum_vector, "Heartbeat checksum vector"),
         )
 
 
@@ -488,17 +496,21 @@ class SnapshotBegin:
     snapshot_id: int
     version_vector: VersionVector
     tables: tuple[SnapshotTable, ...]
+    ranges: Mapping[str, bytes] = field(default_factory=dict)
+    """A repair: per table, a bitmap of the key buckets carried (absent: the whole table). A
+    snapshot with ranges mends rows and leaves the receiver's version vector alone."""
 
     def to_wire(self) -> list[Any]:
         return [
             self.snapshot_id,
             _vector_to_wire(self.version_vector),
             [[t.name, list(t.columns), list(t.primary_key), t.row_count] for t in self.tables],
+            dict(self.ranges),
         ]
 
     @classmethod
     def from_wire(cls, value: Any) -> Self:
-        snapshot_id, vector, tables = _fields(value, cls, 3)
+        snapshot_id, vector, tables, ranges = _fields(value, cls, 4)
         parsed = []
         for entry in want_list(tables, "SnapshotBegin tables", max_len=MAX_TABLES):
             name, columns, primary_key, row_count = want_list(
@@ -516,6 +528,7 @@ class SnapshotBegin:
             want_int(snapshot_id, "SnapshotBegin id"),
             _vector_from_wire(vector, "SnapshotBegin version vector"),
             tuple(parsed),
+            _checksums_from_wire(ranges, "SnapshotBegin ranges", max_len=BUCKETS // 8),
         )
 
 
@@ -604,16 +617,25 @@ class SnapshotRequest:
     TYPE: ClassVar[int] = 10
     tables: tuple[str, ...]
     reason: str
+    buckets: Mapping[str, bytes] = field(default_factory=dict)
+    """A repair: per table, the asker's checksum of each key bucket (BUCKETS x 16 bytes);
+    the peer sends only the rows of buckets whose checksum differs from its own."""
 
     def to_wire(self) -> list[Any]:
-        return [list(self.tables), self.reason]
+        return [list(self.tables), self.reason, dict(self.buckets)]
 
     @classmethod
     def from_wire(cls, value: Any) -> Self:
-        tables, reason = _fields(value, cls, 2)
+        tables, reason, buckets = _fields(value, cls, 3)
+        parsed = _checksums_from_wire(
+            buckets, "SnapshotRequest buckets", max_len=BUCKETS * BUCKET_CHECKSUM
+        )
+        if any(len(digests) != BUCKETS * BUCKET_CHECKSUM for digests in parsed.values()):
+            raise RemoteProtocolError("SnapshotRequest buckets: wrong size")
         return cls(
             _names_from_wire(tables, "SnapshotRequest table"),
             want_str(reason, "SnapshotRequest reason"),
+            parsed,
         )
 
 

@@ -484,6 +484,8 @@ class ResyncConfig:
     incremental_enabled: bool = True
     checkpoint_interval: float = 600.0
     max_checkpoints: int = 100
+    divergence_check: bool = True
+    checksum_interval: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -693,6 +695,8 @@ def _resync(section: _Section) -> ResyncConfig:
         incremental_enabled=incremental.boolean("enabled", True),
         checkpoint_interval=incremental.duration("checkpoint_interval", 600.0),
         max_checkpoints=incremental.integer("max_checkpoints", 100, 1),
+        divergence_check=section.boolean("divergence_check", True),
+        checksum_interval=section.duration("checksum_interval", 60.0),
     )
     full.done()
     incremental.done()

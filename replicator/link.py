@@ -92,9 +92,14 @@ class Snapshots(Protocol):
         """Per origin, the sequence at or below which this node's log holds nothing."""
 
     async def send(
-        self, connection: PeerConnection, peer: str, reason: str
+        self,
+        connection: PeerConnection,
+        peer: str,
+        reason: str,
+        repair: Mapping[str, bytes],
     ) -> tuple[int, dict[Origin, int]]:
-        """Stream a snapshot; returns the log position and vector it corresponds to."""
+        """Stream a snapshot (only the differing buckets of ``repair``'s tables, if any);
+        returns the log position and vector it corresponds to."""
 
     async def begin(self, peer: str, message: SnapshotBegin) -> None: ...
 
@@ -105,6 +110,14 @@ class Snapshots(Protocol):
 
     def wanted(self, peer: str, missing: list[str]) -> bool:
         """The peer lacks entries below the log floor: snapshot it (True) or give up."""
+
+    def local_checksums(self) -> tuple[dict[Origin, int], dict[str, bytes]]:
+        """This node's latest table checksums and the vector they were computed at."""
+
+    async def peer_checksums(
+        self, peer: str, vector: Mapping[Origin, int], checksums: Mapping[str, bytes]
+    ) -> None:
+        """A peer's checksums arrived: compare, and ask for a repair if they differ."""
 
 
 class Link:
@@ -136,6 +149,7 @@ class Link:
         self._cluster = cluster
         self._snapshots = snapshots
         self._snapshot_reason: str | None = None
+        self._repairs: list[tuple[str, Mapping[str, bytes]]] = []
         self._pause = pause or PauseSwitch()
         self._owe_resend = False
         self._log = get_logger("link", **{KEY_PEER: hello.node_id})
@@ -197,6 +211,10 @@ class Link:
 
     # -- sending ---------------------------------------------------------------------------
 
+    async def ask_repair(self, reason: str, buckets: Mapping[str, bytes]) -> None:
+        """Ask the peer for the rows of the buckets whose checksums differ from ``buckets``."""
+        await self.connection.send(SnapshotRequest(tuple(buckets), reason, dict(buckets)))
+
     async def pull(self, *, full: bool, reason: str) -> None:
         """Ask the peer for its whole state (a snapshot) or to stream its log again."""
         if full:
@@ -231,9 +249,14 @@ class Link:
                 self.request_snapshot("peer lacks entries below this node's log floor")
             if self._snapshot_reason is not None:
                 reason, self._snapshot_reason = self._snapshot_reason, None
-                position, vector = await self._snapshots.send(self.connection, self.peer, reason)
+                position, vector = await self._snapshots.send(
+                    self.connection, self.peer, reason, {}
+                )
                 _merge(self._have, vector)
                 continue
+            if self._repairs:
+                reason, buckets = self._repairs.pop(0)
+                await self._snapshots.send(self.connection, self.peer, reason, buckets)
             records, read_through = await self._read_log(position, self.settings.batch_size)
             if not records:
                 if read_through > position:
@@ -295,7 +318,9 @@ class Link:
     async def _heartbeat_loop(self) -> None:
         while True:
             now, vector = hlc.wall_clock_ms(), self._vector()
-            heartbeat = Heartbeat(now, vector, {}, self._cluster.snapshot(vector, now))
+            at, checksums = self._snapshots.local_checksums()
+            known = self._cluster.snapshot(vector, now)
+            heartbeat = Heartbeat(now, vector, checksums, known, at)
             await self.connection.send(heartbeat)
             await trio.sleep(self.settings.heartbeat_interval)
 
@@ -329,9 +354,18 @@ class Link:
             _merge(self.status.peer_vector, message.version_vector)
             _merge(self._have, message.version_vector)  # it may hold more, from other peers
             self._cluster.merge(message.known)
+            if message.table_checksums:
+                await self._snapshots.peer_checksums(
+                    self.peer, message.checksum_vector, message.table_checksums
+                )
         elif isinstance(message, SnapshotRequest):
-            self._log.info("peer asked for a snapshot", reason=message.reason)
-            self.request_snapshot(f"requested by {self.peer}: {message.reason}")
+            self._log.info("peer asked for a snapshot", reason=message.reason,
+                           tables=list(message.tables), repair=bool(message.buckets))  # fmt: skip
+            if message.buckets:
+                self._repairs.append((f"repair asked by {self.peer}: {message.reason}",
+                                      message.buckets))  # fmt: skip
+            else:
+                self.request_snapshot(f"requested by {self.peer}: {message.reason}")
         elif isinstance(message, SnapshotBegin):
             await self._snapshots.begin(self.peer, message)
         elif isinstance(message, SnapshotChunk):

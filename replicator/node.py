@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import trio
 
 from protocol import Change, Hello, Keyring, Origin, SessionSettings, Skip, stretch_passphrase
-from replicator import dbcall, hlc, retention
+from replicator import dbcall, divergence, hlc, retention
 from replicator.applier import Applier, ApplyResult
 from replicator.config import Config
 from replicator.control import ControlError, Request, Response, Routes, serve_control
@@ -140,6 +140,8 @@ class Node:
             self._apply_limiter,
             self.alarms,
             self._merged_snapshot,
+            self.links,
+            self._last_vector,
         )
         self._commit_is_quick = config.state.database.synchronous in ("OFF", "NORMAL")
         self._wal = config.state.database.journal_mode.upper() == "WAL"
@@ -169,6 +171,8 @@ class Node:
             nursery.start_soon(self._truncate_log_periodically)
             if self._wal:
                 nursery.start_soon(self._checkpoint_periodically)
+            if replication.recovery.divergence_check:
+                nursery.start_soon(self._check_divergence_periodically)
             nursery.start_soon(self._watch_lag)
             await nursery.start(
                 functools.partial(
@@ -311,6 +315,67 @@ class Node:
                 await trio.to_thread.run_sync(store.conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             store.close()
+
+    async def _check_divergence_periodically(self) -> None:
+        """Table checksums at start and every ``checksum_interval`` (sooner when a peer's
+        heartbeat shows it at this node's vector): compared with peers' in heartbeats."""
+        store = await trio.to_thread.run_sync(
+            functools.partial(Store.open, self.store_settings, prepare=False)
+        )
+        hashed_through = 0
+        interval = self.config.replication.recovery.checksum_interval
+        try:
+            while True:
+                hashed_through = await trio.to_thread.run_sync(
+                    self._check_divergence, store, hashed_through
+                )
+                with trio.move_on_after(interval):
+                    await self.resync.recompute.wait()
+                self.resync.recompute = trio.Event()
+                await trio.sleep(0.2)  # let a burst of heartbeats settle
+        finally:
+            store.close()
+
+    def _check_divergence(self, store: Store, hashed_through: int) -> int:
+        """Blocking: record content hashes, compute checksums, mark rows edited behind
+        replication's back. Returns the log position content hashes are recorded through."""
+        conn = store.conn
+        while True:
+            position, _ = divergence.fill_hashes(conn, hashed_through)
+            if position == hashed_through:
+                break
+            hashed_through = position
+        assert self.origin is not None
+        conn.execute("BEGIN")
+        try:
+            vector = store.version_vector()
+            checksums = divergence.compute(conn, store.tables, vector, self.origin)
+        finally:
+            conn.execute("COMMIT")
+        found = {
+            name: check.tampered + check.missing
+            for name, check in checksums.tables.items()
+            if check.tampered or check.missing
+        }
+        if found:
+            store.begin_immediate()
+            try:
+                for name, keys in found.items():
+                    divergence.mark_tampered(conn, name, keys)
+                store.commit()
+            except BaseException:
+                store.rollback()
+                raise
+            count = sum(len(keys) for keys in found.values())
+            self.resync.tampered_found += count
+            _log.warning("rows edited behind replication's back: repairing from a peer",
+                         rows=count, tables=sorted(found))  # fmt: skip
+        self.resync.checksums = checksums
+        unmended = sorted(name for name, check in checksums.tables.items()
+                          if check.tampered or check.missing or check.marked)  # fmt: skip
+        if unmended:
+            trio.from_thread.run(self.resync.repair_tampered, unmended)
+        return hashed_through
 
     async def _truncate_log_periodically(self) -> None:
         while True:
@@ -473,6 +538,7 @@ class Node:
             "version_vector": {str(o): seq for o, seq in self._vector_cache.items()},
             "peers": peers,
             "snapshots": self.resync.report(),
+            "divergence": self.resync.divergence_report(),
         }
 
     async def shutdown(self) -> None:

@@ -8,17 +8,23 @@ raises or clears the alarms.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from protocol import Origin, SnapshotBegin, SnapshotChunk, SnapshotEnd
 from replicator.applier import Applier
 from replicator.config import ResyncConfig
+from replicator.divergence import Checksums
 from replicator.log import KEY_PEER, get_logger
 from replicator.peer import PeerConnection, PeerDisconnected
 from replicator.snapshot import SnapshotError, SnapshotMerge, SnapshotProgress, SnapshotSource
 from replicator.store import StoreSettings
+
+if TYPE_CHECKING:
+    from replicator.link import Link
 
 __all__ = ["Resync"]
 
@@ -34,6 +40,8 @@ class Resync:
         apply_limiter: trio.CapacityLimiter,
         alarms: MutableMapping[str, str],
         on_merged: Callable[[dict[Origin, int]], None],
+        links: Mapping[str, Link],
+        current_vector: Callable[[], dict[Origin, int]],
     ) -> None:
         self.settings = settings
         self.recovery = recovery
@@ -44,6 +52,16 @@ class Resync:
         self.progress: dict[tuple[str, str], SnapshotProgress] = {}
         self._merges: dict[str, SnapshotMerge] = {}
         self._floor: dict[Origin, int] = {}
+        self._links = links
+        self._vector_now = current_vector
+        self.checksums: Checksums | None = None
+        self.recompute = trio.Event()
+        self.divergent: dict[str, list[str]] = {}
+        self._asked: dict[tuple[str, str], float] = {}
+        self._cooldown = max(5.0, recovery.checksum_interval / 2)
+        self.repairs_requested = 0
+        self.rows_repaired = 0
+        self.tampered_found = 0
 
     # -- the log floor ---------------------------------------------------------------------
 
@@ -68,11 +86,17 @@ class Resync:
     # -- sending ---------------------------------------------------------------------------
 
     async def send(
-        self, connection: PeerConnection, peer: str, reason: str
+        self,
+        connection: PeerConnection,
+        peer: str,
+        reason: str,
+        repair: Mapping[str, bytes],
     ) -> tuple[int, dict[Origin, int]]:
         progress = SnapshotProgress(peer, "sending", reason)
         self.progress[peer, "sending"] = progress
-        source = SnapshotSource(self.settings, self._applier().store.tables, random.getrandbits(62))
+        source = SnapshotSource(
+            self.settings, self._applier().store.tables, random.getrandbits(62), repair
+        )
         _log.info("sending a snapshot", reason=reason, **{KEY_PEER: peer})
         try:
             begin = await trio.to_thread.run_sync(source.open)
@@ -135,7 +159,11 @@ class Resync:
         progress = self.progress[peer, "receiving"]
         progress.finish()
         self._alarms.pop(f"snapshot_failed:{peer}", None)
-        self._on_merged(vector)
+        if merge.partial:
+            self.rows_repaired += merge.written + merge.removed
+            self.recompute.set()  # see whether the repair closed the difference
+        else:
+            self._on_merged(vector)
         return vector
 
     def abandon(self, peer: str) -> None:
@@ -157,3 +185,76 @@ class Resync:
 
     def report(self) -> list[dict[str, object]]:
         return [progress.as_dict() for _, progress in sorted(self.progress.items())]
+
+    # -- divergence ------------------------------------------------------------------------
+
+    def local_checksums(self) -> tuple[dict[Origin, int], dict[str, bytes]]:
+        if self.checksums is None:
+            return {}, {}
+        return self.checksums.vector, self.checksums.table_checksums()
+
+    async def peer_checksums(
+        self, peer: str, vector: Mapping[Origin, int], checksums: Mapping[str, bytes]
+    ) -> None:
+        mine = self.checksums
+        theirs = _nonzero(vector)
+        if mine is None or _nonzero(mine.vector) != theirs:
+            if _nonzero(self._vector_now()) == theirs:
+                self.recompute.set()  # we are where they were: compare soon
+            return
+        differing = sorted(
+            table
+            for table, digest in mine.table_checksums().items()
+            if table in checksums and checksums[table] != digest
+        )
+        self.divergent[peer] = differing
+        if not differing:
+            return
+        now = time.monotonic()
+        due = [t for t in differing if self._asked.get((peer, t), -1e9) + self._cooldown <= now]
+        link = self._links.get(peer)
+        if not due or link is None:
+            return
+        for table in due:
+            self._asked[peer, table] = now
+        self.repairs_requested += 1
+        _log.warning("table checksums differ from a peer's at the same version vector",
+                     tables=due, **{KEY_PEER: peer})  # fmt: skip
+        buckets = {table: mine.tables[table].bucket_bytes() for table in due}
+        await link.ask_repair("table checksums differ", buckets)
+
+    async def repair_tampered(self, tables: list[str]) -> None:
+        """Rows here were edited behind replication's back: ask a connected peer for them."""
+        mine = self.checksums
+        if mine is None or not self._links:
+            return
+        peer = sorted(self._links)[0]
+        self.repairs_requested += 1
+        buckets = {table: mine.tables[table].bucket_bytes() for table in tables}
+        await self._links[peer].ask_repair("rows edited behind replication's back", buckets)
+
+    def divergence_report(self) -> dict[str, Any]:
+        mine = self.checksums
+        tables = {} if mine is None else {
+            name: {
+                "rows": check.rows,
+                "checksum": check.checksum.to_bytes(16, "big").hex(),
+                "unversioned_rows": check.unversioned,
+            }
+            for name, check in mine.tables.items()
+        }  # fmt: skip
+        return {
+            "enabled": self.recovery.divergence_check,
+            "checked_at": None if mine is None else mine.computed_at,
+            "check_seconds": None if mine is None else round(mine.seconds, 3),
+            "vector": {} if mine is None else {str(o): s for o, s in mine.vector.items()},
+            "tables": tables,
+            "edited_behind_replication": self.tampered_found,
+            "divergent_tables": {peer: tables for peer, tables in self.divergent.items() if tables},
+            "repairs_requested": self.repairs_requested,
+            "rows_repaired": self.rows_repaired,
+        }
+
+
+def _nonzero(vector: Mapping[Origin, int]) -> dict[Origin, int]:
+    return {origin: seq for origin, seq in vector.items() if seq}

@@ -18,7 +18,6 @@ least as new as before, and the next snapshot finishes the job.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sqlite3
@@ -30,6 +29,7 @@ from typing import Any
 import msgpack
 
 from protocol import (
+    BUCKETS,
     Origin,
     RowVersion,
     SnapshotBegin,
@@ -40,6 +40,15 @@ from protocol import (
 )
 from protocol.checks import SqlValue
 from replicator.applier import Applier, delete_sql, upsert_sql
+from replicator.divergence import (
+    TAMPERED,
+    compute,
+    content_hash,
+    fold,
+    key_bucket,
+    row_hash,
+    versioned_rows,
+)
 from replicator.errors import ReplicationError
 from replicator.log import KEY_PEER, get_logger
 from replicator.rows import key_sql, parse_key, quote_identifier
@@ -51,32 +60,15 @@ __all__ = [
     "SnapshotMerge",
     "SnapshotProgress",
     "SnapshotSource",
-    "fold",
-    "row_hash",
 ]
 
 _log = get_logger("snapshot")
 CHUNK_ROWS = 1000
 CHUNK_BYTES = 1 << 20
-_MODULUS = 1 << 128
 
 
 class SnapshotError(ReplicationError):
     """A snapshot that cannot be taken or merged: mismatched tables, a failed checksum."""
-
-
-def row_hash(table: str, key: str, row: SnapshotRow) -> int:
-    """A row's contribution to its table's checksum: order-independent when summed."""
-    version = row.version
-    values = None if row.values is None else sorted(row.values.items())
-    origin = version.origin
-    fields = [table, key, values, version.hlc, origin.node_id, origin.incarnation]
-    packed = msgpack.packb([*fields, version.generation], use_bin_type=True)
-    return int.from_bytes(hashlib.blake2b(packed, digest_size=16).digest(), "big")
-
-
-def fold(checksum: int, contribution: int) -> int:
-    return (checksum + contribution) % _MODULUS
 
 
 def _checksum_bytes(checksum: int) -> bytes:
@@ -131,10 +123,20 @@ class SnapshotSource:
     removes the copy. Memory stays at one chunk whatever the table sizes.
     """
 
-    def __init__(self, settings: StoreSettings, tables: Mapping[str, TableInfo], ident: int):
+    def __init__(
+        self,
+        settings: StoreSettings,
+        tables: Mapping[str, TableInfo],
+        ident: int,
+        repair: Mapping[str, bytes] | None = None,
+    ):
+        """``repair``: per table, the asker's bucket checksums; only the rows of buckets that
+        differ from this node's are sent (a repair), and only of those tables."""
         self.settings = settings
-        self.tables = dict(tables)
+        self.tables = dict(tables) if not repair else {t: tables[t] for t in repair if t in tables}
         self.ident = ident
+        self.repair = dict(repair or {})
+        self.ranges: dict[str, set[int]] = {}
         self.path = f"{settings.path}.snapshot-{ident}"
         self._conn: sqlite3.Connection | None = None
         self._checksums: dict[str, int] = {}
@@ -170,6 +172,12 @@ class SnapshotSource:
         self.log_position = int(
             conn.execute("SELECT COALESCE(MAX(seq), 0) FROM _repl_log").fetchone()[0]
         )
+        if self.repair:
+            mine = compute(conn, self.tables, self.vector, self.origin).tables
+            self.ranges = {
+                name: mine[name].differing(theirs) for name, theirs in self.repair.items()
+                if name in mine
+            }  # fmt: skip
         described = []
         for name, info in sorted(self.tables.items()):
             (live_rows,) = conn.execute(f"SELECT count(*) FROM {quote_identifier(name)}").fetchone()
@@ -179,7 +187,8 @@ class SnapshotSource:
             described.append(
                 SnapshotTable(name, info.columns, info.primary_key, live_rows + tombstones)
             )
-        return SnapshotBegin(self.ident, dict(self.vector), tuple(described))
+        ranges = {name: _bitmap(buckets) for name, buckets in self.ranges.items()}
+        return SnapshotBegin(self.ident, dict(self.vector), tuple(described), ranges)
 
     def chunks(self) -> Iterator[SnapshotChunk]:
         """Every table's live rows then its tombstones, in chunks of rows and bytes."""
@@ -199,35 +208,16 @@ class SnapshotSource:
     def _rows_of(self, name: str) -> Iterator[SnapshotRow]:
         assert self._conn is not None
         assert self.origin is not None
-        info = self.tables[name]
-        columns = info.columns
-        names = ", ".join(f"t.{quote_identifier(c)}" for c in columns)
-        order = ", ".join(f"t.{quote_identifier(c)}" for c in info.primary_key)
-        key_positions = [columns.index(c) for c in info.primary_key]
-        unknown = RowVersion(0, self.origin, 0)  # no recorded version: loses to any
+        wanted = self.ranges.get(name)
         checksum = self._checksums.get(name, 0)
-        cursor = self._conn.execute(
-            f"SELECT {names}, {key_sql('t', info.primary_key)},"
-            " m.hlc, m.node, m.inc, m.generation, m.seq"
-            f" FROM {quote_identifier(name)} AS t LEFT JOIN _repl_rowmeta AS m"
-            f" ON m.tbl = ? AND m.pk = {key_sql('t', info.primary_key)}"
-            f" ORDER BY {order}",
-            (name,),
-        )
-        width = len(columns)
-        while fetched := cursor.fetchmany(CHUNK_ROWS):
-            for record in fetched:
-                values = dict(zip(columns, record[:width], strict=True))
-                key, stamp, node, inc, generation, seq = record[width:]
-                version = (
-                    unknown if stamp is None else RowVersion(stamp, Origin(node, inc), generation)
-                )
-                row = SnapshotRow(
-                    tuple(record[i] for i in key_positions), values, version, seq or 0
-                )
-                checksum = fold(checksum, row_hash(name, key, row))
-                self._rows += 1
-                yield row
+        for key, row, recorded in versioned_rows(self._conn, self.tables[name], self.origin):
+            if recorded == TAMPERED:  # known to be wrong here: never offered as the truth
+                continue
+            if wanted is not None and key_bucket(name, key) not in wanted:
+                continue
+            checksum = fold(checksum, row_hash(name, key, row))
+            self._rows += 1
+            yield row
         cursor = self._conn.execute(
             "SELECT pk, hlc, node, inc, generation, seq FROM _repl_rowmeta"
             " WHERE tbl = ? AND deleted ORDER BY pk",
@@ -235,9 +225,10 @@ class SnapshotSource:
         )
         while fetched := cursor.fetchmany(CHUNK_ROWS):
             for key, stamp, node, inc, generation, seq in fetched:
-                row = SnapshotRow(
-                    parse_key(key), None, RowVersion(stamp, Origin(node, inc), generation), seq or 0
-                )
+                if wanted is not None and key_bucket(name, key) not in wanted:
+                    continue
+                version = RowVersion(stamp, Origin(node, inc), generation)
+                row = SnapshotRow(parse_key(key), None, version, seq or 0)
                 checksum = fold(checksum, row_hash(name, key, row))
                 self._rows += 1
                 yield row
@@ -253,6 +244,17 @@ class SnapshotSource:
             self._conn = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def _bitmap(buckets: set[int]) -> bytes:
+    bits = bytearray(BUCKETS // 8)
+    for bucket in buckets:
+        bits[bucket // 8] |= 1 << (bucket % 8)
+    return bytes(bits)
+
+
+def _buckets(bitmap: bytes) -> set[int]:
+    return {n for n in range(BUCKETS) if n // 8 < len(bitmap) and bitmap[n // 8] >> (n % 8) & 1}
 
 
 def _row_size(row: SnapshotRow) -> int:
@@ -290,6 +292,8 @@ class SnapshotMerge:
                     peer=peer,
                 )
         self.expected = {table.name for table in begin.tables}
+        self.ranges = {name: _buckets(bitmap) for name, bitmap in begin.ranges.items()}
+        self.partial = bool(begin.ranges)  # a repair: rows mended, the vector left alone
         self.checksums: dict[str, int] = {}
         self.rows = 0
         self.written = 0
@@ -379,9 +383,13 @@ class SnapshotMerge:
         upsert = upsert_sql(info, columns)
         highest = 0
         for key, row in keyed:
-            mine = current.get(key)
-            if mine is not None and order(row.version) <= order(mine):
-                continue
+            mine, recorded = current.get(key, (None, None))
+            if mine is not None:
+                ours, theirs = order(mine), order(row.version)
+                if theirs < ours:
+                    continue
+                if theirs == ours and not self._mend(conn, info, row, recorded):
+                    continue
             try:
                 if row.values is None:
                     conn.execute(delete, row.pk)
@@ -398,6 +406,27 @@ class SnapshotMerge:
             self.written += 1
         if highest:
             conn.execute("UPDATE _repl_clock SET hlc = MAX(hlc, ?) WHERE id = 1", (highest,))
+
+    def _mend(
+        self, conn: sqlite3.Connection, info: TableInfo, row: SnapshotRow, recorded: bytes | None
+    ) -> bool:
+        """The same version on both sides: take the sender's copy if ours was edited behind
+        replication's back, or (in a repair) if the contents differ and theirs ranks higher by
+        content hash, a rule both sides apply alike so they settle on one copy."""
+        if recorded == TAMPERED:
+            return True
+        if not self.partial or row.values is None:
+            return False
+        where = " AND ".join(f"{quote_identifier(c)} IS ?" for c in info.primary_key)
+        names = ", ".join(quote_identifier(c) for c in info.columns)
+        found = conn.execute(
+            f"SELECT {names} FROM {quote_identifier(info.name)} WHERE {where}", row.pk
+        ).fetchone()
+        if found is None:
+            return True
+        ours = content_hash(dict(zip(info.columns, found, strict=True)))
+        theirs = content_hash(row.values)
+        return theirs != ours and theirs > ours
 
     def _sweep(
         self,
@@ -431,10 +460,13 @@ class SnapshotMerge:
         ).fetchall()
         width = len(info.primary_key)
         delete = delete_sql(info)
+        wanted = self.ranges.get(info.name)
         for record in rows:
             key, node, inc, seq = record[width:]
             if key in seen or seq is None:
                 continue
+            if wanted is not None and key_bucket(info.name, key) not in wanted:
+                continue  # a repair carries only some buckets: the others were not sent
             if seq <= self.vector.get(Origin(node, inc), 0):
                 conn.execute(delete, record[:width])
                 conn.execute("DELETE FROM _repl_rowmeta WHERE tbl = ? AND pk = ?", (info.name, key))
@@ -470,6 +502,12 @@ class SnapshotMerge:
             self._end_live_rows(name)
         store = self.applier.store
         own = store.clock().origin
+        if self.partial:
+            _log.info("rows repaired from a peer", rows=self.rows, written=self.written,
+                      removed=self.removed, tables=sorted(self.expected),
+                      **{KEY_PEER: self.peer})  # fmt: skip
+            self.discard()
+            return store.version_vector()
         with self._transaction() as conn:
             held = store.version_vector()
             for origin, seq in self.vector.items():
@@ -553,13 +591,13 @@ def _unstage_row(data: bytes) -> SnapshotRow:
 
 def _load_versions(
     conn: sqlite3.Connection, table: str, keys: Sequence[str]
-) -> dict[str, RowVersion]:
+) -> dict[str, tuple[RowVersion, bytes | None]]:
     if not keys:
         return {}
     return {
-        key: RowVersion(stamp, Origin(node, inc), generation)
-        for key, stamp, node, inc, generation in conn.execute(
-            "SELECT pk, hlc, node, inc, generation FROM _repl_rowmeta"
+        key: (RowVersion(stamp, Origin(node, inc), generation), recorded)
+        for key, stamp, node, inc, generation, recorded in conn.execute(
+            "SELECT pk, hlc, node, inc, generation, hash FROM _repl_rowmeta"
             " WHERE tbl = ? AND pk IN (SELECT value FROM json_each(?))",
             (table, json.dumps(list(keys))),
         )
@@ -571,11 +609,11 @@ def _save_version(conn: sqlite3.Connection, table: str, key: str, row: SnapshotR
     conn.execute(
         "INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted, prev_hlc,"
         " prev_node, prev_inc, prev_gen, hash, seq)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, NULL, ?)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, ?, ?)"
         " ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node,"
         " inc = excluded.inc, generation = excluded.generation, deleted = excluded.deleted,"
-        " prev_hlc = NULL, prev_node = NULL, prev_inc = NULL, prev_gen = NULL, hash = NULL,"
-        " seq = excluded.seq",
+        " prev_hlc = NULL, prev_node = NULL, prev_inc = NULL, prev_gen = NULL,"
+        " hash = excluded.hash, seq = excluded.seq",
         (
             table,
             key,
@@ -584,6 +622,7 @@ def _save_version(conn: sqlite3.Connection, table: str, key: str, row: SnapshotR
             version.origin.incarnation,
             version.generation,
             int(row.values is None),
+            None if row.values is None else content_hash(row.values),
             row.seq or None,
         ),
     )

@@ -79,12 +79,17 @@ def every_message() -> list[Message]:
         Changes(node_id="node1", sequence=10, timestamp=1, changes=()),
         Ack(VECTOR, 9),
         Heartbeat(
-            1_700_000_000_123, VECTOR, {"dhcp_leases": b"\xab" * 16}, {"node3": (5, {NODE1: 40})}
+            1_700_000_000_123,
+            VECTOR,
+            {"dhcp_leases": b"\xab" * 16},
+            {"node3": (5, {NODE1: 40})},
+            {NODE1: 38},
         ),
         SnapshotBegin(
             5,
             VECTOR,
             (SnapshotTable("dhcp_leases", ("mac", "ip", "expires"), ("mac",), 2),),
+            {"dhcp_leases": b"\x81" * 32},
         ),
         SnapshotChunk(
             5,
@@ -98,5 +103,6 @@ def every_message() -> list[Message]:
         SnapshotEnd(5, {"dhcp_leases": b"\x00" * 32}, 2),
         Resend(VECTOR),
         SnapshotRequest(("dhcp_leases",), "operator asked for a full resync"),
+        SnapshotRequest(("dhcp_leases",), "repair", {"dhcp_leases": b"\x01" * 256 * 16}),
         Goodbye("shutting down"),
     ]

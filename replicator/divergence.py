@@ -1,0 +1,229 @@
+"""Divergence: table checksums to compare with peers, and rows edited behind replication's back.
+
+A table's checksum is the sum (mod 2**128) of a hash per versioned row (key, values, version),
+so it does not depend on row order and two nodes holding the same rows at the same versions
+agree. It is also kept per key bucket (a byte of a hash of the key), so two nodes that
+disagree find the few buckets that differ and exchange only their rows (see `snapshot`).
+
+Each row version also records the hash of the content it wrote (`_repl_rowmeta.hash`, filled
+from the log entry that wrote it). A row whose content no longer matches was edited with the
+capture triggers bypassed (dropped by hand, a direct file edit); a versioned row that is gone
+was deleted that way. Both are marked ``TAMPERED`` and mended from a peer, whose copy of that
+version wins over ours even though the versions are equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from protocol import BUCKETS, Origin, RowVersion, SnapshotRow
+from protocol.checks import SqlValue
+from replicator.rows import decode_row, key_sql, parse_key, quote_identifier
+from replicator.tables import TableInfo
+
+__all__ = [
+    "TAMPERED",
+    "Checksums",
+    "TableCheck",
+    "bucket_bytes_to_sums",
+    "compute",
+    "content_hash",
+    "fill_hashes",
+    "fold",
+    "key_bucket",
+    "mark_tampered",
+    "row_hash",
+]
+
+TAMPERED = b"tampered"
+"""`_repl_rowmeta.hash` of a row found edited behind replication's back."""
+_MODULUS = 1 << 128
+_CHUNK = 1000
+
+
+def content_hash(values: Mapping[str, SqlValue]) -> bytes:
+    """What a version wrote. NULL columns are left out, so a column added since (NULL in
+    old rows) does not make old rows look edited."""
+    packed = msgpack.packb(
+        sorted((k, v) for k, v in values.items() if v is not None), use_bin_type=True
+    )
+    return hashlib.blake2b(packed, digest_size=16).digest()
+
+
+def row_hash(table: str, key: str, row: SnapshotRow) -> int:
+    """A row's contribution to its table's checksum: order-independent when summed."""
+    version = row.version
+    values = None if row.values is None else sorted(row.values.items())
+    origin = version.origin
+    fields = [table, key, values, version.hlc, origin.node_id, origin.incarnation]
+    packed = msgpack.packb([*fields, version.generation], use_bin_type=True)
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=16).digest(), "big")
+
+
+def fold(checksum: int, contribution: int) -> int:
+    return (checksum + contribution) % _MODULUS
+
+
+def key_bucket(table: str, key: str) -> int:
+    return hashlib.blake2b(f"{table}\x00{key}".encode(), digest_size=1).digest()[0]
+
+
+def bucket_bytes_to_sums(data: bytes) -> list[int]:
+    return [int.from_bytes(data[i * 16 : i * 16 + 16], "big") for i in range(BUCKETS)]
+
+
+@dataclass(slots=True)
+class TableCheck:
+    checksum: int = 0
+    buckets: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+    rows: int = 0
+    unversioned: int = 0  # rows with no recorded version: written with capture bypassed
+    tampered: list[str] = field(default_factory=list)  # found edited just now
+    missing: list[str] = field(default_factory=list)  # found deleted just now
+    marked: list[str] = field(default_factory=list)  # found earlier, not mended yet
+
+    def add(self, table: str, key: str, row: SnapshotRow) -> None:
+        contribution = row_hash(table, key, row)
+        self.checksum = fold(self.checksum, contribution)
+        bucket = key_bucket(table, key)
+        self.buckets[bucket] = fold(self.buckets[bucket], contribution)
+        self.rows += 1
+
+    def bucket_bytes(self) -> bytes:
+        return b"".join(total.to_bytes(16, "big") for total in self.buckets)
+
+    def differing(self, other_buckets: bytes) -> set[int]:
+        theirs = bucket_bytes_to_sums(other_buckets)
+        return {n for n in range(BUCKETS) if self.buckets[n] != theirs[n]}
+
+
+@dataclass(slots=True)
+class Checksums:
+    vector: dict[Origin, int]
+    tables: dict[str, TableCheck]
+    computed_at: float = field(default_factory=time.time)
+    seconds: float = 0.0
+
+    def table_checksums(self) -> dict[str, bytes]:
+        return {name: check.checksum.to_bytes(16, "big") for name, check in self.tables.items()}
+
+
+def versioned_rows(
+    conn: sqlite3.Connection, info: TableInfo, fallback: Origin
+) -> Iterator[tuple[str, SnapshotRow, bytes | None]]:
+    """Every row of a table in key order with its key, version and recorded content hash
+    (version ``hlc`` 0 under ``fallback`` when none is recorded)."""
+    columns = info.columns
+    names = ", ".join(f"t.{quote_identifier(c)}" for c in columns)
+    order = ", ".join(f"t.{quote_identifier(c)}" for c in info.primary_key)
+    key_positions = [columns.index(c) for c in info.primary_key]
+    cursor = conn.execute(
+        f"SELECT {names}, {key_sql('t', info.primary_key)},"
+        " m.hlc, m.node, m.inc, m.generation, m.seq, m.hash"
+        f" FROM {quote_identifier(info.name)} AS t LEFT JOIN _repl_rowmeta AS m"
+        f" ON m.tbl = ? AND m.pk = {key_sql('t', info.primary_key)}"
+        f" ORDER BY {order}",
+        (info.name,),
+    )
+    width = len(columns)
+    unknown = RowVersion(0, fallback, 0)
+    while fetched := cursor.fetchmany(_CHUNK):
+        for record in fetched:
+            values = dict(zip(columns, record[:width], strict=True))
+            key, stamp, node, inc, generation, seq, recorded = record[width:]
+            version = unknown if stamp is None else RowVersion(stamp, Origin(node, inc), generation)
+            pk = tuple(record[i] for i in key_positions)
+            yield key, SnapshotRow(pk, values, version, seq or 0), recorded
+
+
+def compute(
+    conn: sqlite3.Connection,
+    tables: Mapping[str, TableInfo],
+    vector: dict[Origin, int],
+    origin: Origin,
+) -> Checksums:
+    """Checksums of every table, and the rows found edited or deleted with capture bypassed.
+
+    Call inside one read transaction, with ``vector`` read in it, so the checksums are those
+    of that vector.
+    """
+    started = time.monotonic()
+    found: dict[str, TableCheck] = {}
+    for name, info in sorted(tables.items()):
+        check = found[name] = TableCheck()
+        for key, row, recorded in versioned_rows(conn, info, origin):
+            if row.version.hlc == 0:
+                check.unversioned += 1
+                continue
+            assert row.values is not None
+            if recorded == TAMPERED:
+                check.marked.append(key)
+            elif recorded is not None and recorded != content_hash(row.values):
+                check.tampered.append(key)
+            check.add(name, key, row)
+        (live,) = conn.execute(
+            "SELECT count(*) FROM _repl_rowmeta WHERE tbl = ? AND NOT deleted", (name,)
+        ).fetchone()
+        if live > check.rows:
+            gone = _missing_rows(conn, info)
+            check.missing = [key for key, recorded in gone if recorded != TAMPERED]
+            check.marked += [key for key, recorded in gone if recorded == TAMPERED]
+    return Checksums(dict(vector), found, seconds=time.monotonic() - started)
+
+
+def _missing_rows(conn: sqlite3.Connection, info: TableInfo) -> list[tuple[str, bytes | None]]:
+    """Keys (and recorded hashes) whose version is live but whose row is gone."""
+    where = " AND ".join(f"{quote_identifier(c)} IS ?" for c in info.primary_key)
+    probe = f"SELECT 1 FROM {quote_identifier(info.name)} WHERE {where}"
+    missing = []
+    for key, recorded in conn.execute(
+        "SELECT pk, hash FROM _repl_rowmeta WHERE tbl = ? AND NOT deleted", (info.name,)
+    ).fetchall():
+        if conn.execute(probe, parse_key(key)).fetchone() is None:
+            missing.append((key, recorded))
+    return missing
+
+
+def mark_tampered(conn: sqlite3.Connection, table: str, keys: list[str]) -> None:
+    conn.executemany(
+        "UPDATE _repl_rowmeta SET hash = ? WHERE tbl = ? AND pk = ?",
+        [(TAMPERED, table, key) for key in keys],
+    )
+
+
+def fill_hashes(conn: sqlite3.Connection, after: int, limit: int = 5000) -> tuple[int, int]:
+    """Record the content hash of versions written by log entries after ``after``, where
+    that version is still the row's current one. Returns (new position, hashes recorded).
+    ``conn`` is in autocommit mode; one short write transaction."""
+    rows = conn.execute(
+        "SELECT seq, tbl, pk, new_row, hlc, origin_node, origin_inc FROM _repl_log"
+        " WHERE seq > ? AND op IN (1, 2) ORDER BY seq LIMIT ?",
+        (after, limit),
+    ).fetchall()
+    if not rows:
+        (end,) = conn.execute("SELECT COALESCE(MAX(seq), ?) FROM _repl_log", (after,)).fetchone()
+        return int(end), 0
+    updates: list[tuple[Any, ...]] = []
+    for _seq, table, key, new_row, stamp, node, inc in rows:
+        values = decode_row(new_row)
+        if values is not None:
+            updates.append((content_hash(values), table, key, stamp, node, inc))
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        recorded = conn.executemany(
+            "UPDATE _repl_rowmeta SET hash = ? WHERE tbl = ? AND pk = ? AND hlc = ?"
+            " AND node = ? AND inc = ? AND hash IS NULL",
+            updates,
+        ).rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return int(rows[-1][0]), recorded
