@@ -121,7 +121,8 @@ class FaultProxy:
         """Reset every open connection and reset each new one right after accepting it."""
 
         def cut() -> None:
-            pass
+            self._cut = True
+            self._abort_all()
 
         self._control(cut)
 
