@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import hcl2
+from croniter import croniter
 
 from replicator.errors import ConfigError
 
@@ -698,6 +699,9 @@ def _resync(section: _Section) -> ResyncConfig:
         divergence_check=section.boolean("divergence_check", True),
         checksum_interval=section.duration("checksum_interval", 60.0),
     )
+    schedule = config.full_resync_schedule
+    if schedule is not None and not croniter.is_valid(schedule):
+        raise full.error("schedule", f"not a cron expression: {schedule!r}")
     full.done()
     incremental.done()
     section.done()

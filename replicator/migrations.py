@@ -169,6 +169,21 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        5,
+        "checkpoints",
+        """
+        -- Where replication stood, recorded every incremental.checkpoint_interval and on
+        -- request: this node's version vector and each peer's acknowledged position.
+        CREATE TABLE _repl_checkpoints (
+            id       INTEGER PRIMARY KEY,
+            taken_at REAL NOT NULL,
+            reason   TEXT NOT NULL,
+            vector   TEXT NOT NULL,
+            peers    TEXT NOT NULL
+        );
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -14,6 +14,7 @@ other, both sides keep the one dialled by the node with the smaller id.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import os
 import random
@@ -24,10 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
+from croniter import croniter
 
 from protocol import Change, Hello, Keyring, Origin, SessionSettings, Skip, stretch_passphrase
 from replicator import dbcall, divergence, hlc, retention
 from replicator.applier import Applier, ApplyResult
+from replicator.checkpoints import list_checkpoints, take_checkpoint
 from replicator.config import Config
 from replicator.control import ControlError, Request, Response, Routes, serve_control
 from replicator.detector import Detector
@@ -54,6 +57,7 @@ _T = TypeVar("_T")
 CAPABILITIES = frozenset({"changes", "skips", "resend"})
 # Batches up to this many entries are read and applied on the event loop (see `dbcall`).
 _INLINE_ENTRIES = 32
+_CHECKPOINTS_SHOWN = 10
 _CHECKPOINT_INTERVAL = 0.5
 
 
@@ -82,7 +86,7 @@ def unbuilt_settings(config: Config) -> list[str]:
         "replication.transport.encryption = false": not r.transport.encryption,
         "replication.auth.key_rotation": r.auth.key_rotation is not None,
         'replication.sync.mode = "full"': r.sync.mode == "full",
-        "replication.recovery.full_resync.schedule": r.recovery.full_resync_schedule is not None,
+        "replication.recovery.incremental.enabled = false": not r.recovery.incremental_enabled,
         "replication.backup_before_resync": r.backup_before_resync,
         "replication.conflict_resolution.manual_resolution.require_approval": (
             r.conflict_resolution.require_approval
@@ -144,6 +148,8 @@ class Node:
             self._last_vector,
         )
         self._commit_is_quick = config.state.database.synchronous in ("OFF", "NORMAL")
+        self._threshold_resyncs: dict[str, float] = {}
+        self._checkpoints: list[dict[str, Any]] = []
         self._wal = config.state.database.journal_mode.upper() == "WAL"
 
     # -- the tree --------------------------------------------------------------------------
@@ -158,6 +164,9 @@ class Node:
             )
         store = await trio.to_thread.run_sync(self._prepare)
         await trio.to_thread.run_sync(self.resync.refresh_floor)
+        self._checkpoints = await trio.to_thread.run_sync(
+            list_checkpoints, store.conn, _CHECKPOINTS_SHOWN
+        )
         self._peer_settings = await trio.to_thread.run_sync(self._peer_settings_from_config)
         self.origin = store.origin
         detector = Detector(self.store_settings, after=0, batch_size=self.options.link.batch_size)
@@ -173,6 +182,9 @@ class Node:
                 nursery.start_soon(self._checkpoint_periodically)
             if replication.recovery.divergence_check:
                 nursery.start_soon(self._check_divergence_periodically)
+            nursery.start_soon(self._checkpoint_positions_periodically)
+            if replication.recovery.full_resync_schedule is not None:
+                nursery.start_soon(self._full_resync_on_schedule)
             nursery.start_soon(self._watch_lag)
             await nursery.start(
                 functools.partial(
@@ -377,6 +389,52 @@ class Node:
             trio.from_thread.run(self.resync.repair_tampered, unmended)
         return hashed_through
 
+    async def _full_resync_on_schedule(self) -> None:
+        """At each time of ``full_resync.schedule`` (cron, local time), pull a full snapshot
+        from the connected peers in turn."""
+        schedule = self.config.replication.recovery.full_resync_schedule
+        assert schedule is not None
+        turn = 0
+        while True:
+            due = croniter(schedule, datetime.datetime.now()).get_next(float)
+            await trio.sleep(max(0.0, due - time.time()))
+            connected = sorted(self.links)
+            if not connected:
+                _log.warning("scheduled full resync skipped: no peer is connected")
+                continue
+            peer = connected[turn % len(connected)]
+            turn += 1
+            with contextlib.suppress(PeerDisconnected):
+                await self.links[peer].pull(full=True, reason="full_resync.schedule")
+                _log.info("scheduled full resync requested", **{KEY_PEER: peer})
+
+    async def _checkpoint_positions_periodically(self) -> None:
+        while True:
+            await trio.sleep(self.config.replication.recovery.checkpoint_interval)
+            await self.take_checkpoint("checkpoint_interval")
+
+    async def take_checkpoint(self, reason: str) -> dict[str, Any]:
+        recovery = self.config.replication.recovery
+        peers = {
+            peer_id: {
+                "state": status.state,
+                "acked_position": status.acked_position,
+                "peer_vector": {str(o): seq for o, seq in status.peer_vector.items()},
+            }
+            for peer_id, status in sorted(self.status.items())
+        }
+
+        def take() -> dict[str, Any]:
+            assert self._applier is not None
+            store = self._applier.store
+            return take_checkpoint(
+                store.conn, reason, store.version_vector(), peers, recovery.max_checkpoints
+            )
+
+        checkpoint = await trio.to_thread.run_sync(take, limiter=self._apply_limiter)
+        self._checkpoints = [checkpoint, *self._checkpoints][:_CHECKPOINTS_SHOWN]
+        return checkpoint
+
     async def _truncate_log_periodically(self) -> None:
         while True:
             await trio.sleep(self.config.replication.sync.truncate_interval)
@@ -436,7 +494,11 @@ class Node:
             ("POST", "/api/replication/resume"): self._resume_route,
             ("POST", "/api/replication/promote"): self._promote_route,
             ("POST", "/api/replication/resync"): self._resync_route,
+            ("POST", "/api/replication/checkpoint"): self._checkpoint_route,
         }
+
+    async def _checkpoint_route(self, request: Request) -> Response:
+        return Response(200, await self.take_checkpoint("requested by the operator"))
 
     async def _resync_route(self, request: Request) -> Response:
         """This node pulls from a peer: its whole state (``full``) or its log again."""
@@ -539,6 +601,7 @@ class Node:
             "peers": peers,
             "snapshots": self.resync.report(),
             "divergence": self.resync.divergence_report(),
+            "checkpoints": self._checkpoints,
         }
 
     async def shutdown(self) -> None:
@@ -629,7 +692,11 @@ class Node:
         )
         behind = self._changes_behind(hello.version_vector)
         recovery = self.config.replication.recovery
-        if recovery.auto_resync and behind > recovery.resync_threshold:
+        last = self._threshold_resyncs.get(peer_id)
+        rested = last is None or time.monotonic() - last >= recovery.resync_interval
+        if recovery.auto_resync and behind > recovery.resync_threshold and rested:
+            # At most once per resync_interval: a peer that keeps falling behind is streamed.
+            self._threshold_resyncs[peer_id] = time.monotonic()
             link.request_snapshot(
                 f"{behind} changes behind (resync_threshold {recovery.resync_threshold})"
             )

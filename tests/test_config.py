@@ -102,6 +102,10 @@ def write(tmp_path: Path, text: str) -> Path:
             'replication {\n  sync = { log_retention = "forever" }\n}',
             "replication.sync.log_retention",
         ),
+        (
+            'replication {\n  recovery = { full_resync = { schedule = "0 25 * * *" } }\n}',
+            "replication.recovery.full_resync.schedule",
+        ),
         ('state {\n  database { synchronous = "SOMETIMES" }\n}', "state.database.synchronous"),
         ("state {\n  auto_save = 1\n}", "state.auto_save: expected true or false"),
         ("shards {\n  count = 3\n}", "shards: unknown setting"),

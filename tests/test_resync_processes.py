@@ -172,3 +172,28 @@ def test_resync_on_request_through_the_control_api(
     code, error = b.api("POST", "/api/replication/resync", {"full": "yes"})
     assert (code, error["error"]) == (400, "invalid resync request")
     assert a.rows("dhcp_leases") == b.rows("dhcp_leases")
+
+
+def test_scheduled_full_resyncs_and_checkpoints(tmp_path: Path, nodes: list[NodeProcess]) -> None:
+    """A cron schedule pulls full snapshots (seconds-level here, to see it happen);
+    checkpoints record each peer's acknowledged position and survive a restart."""
+    schedule = 'recovery = { full_resync = { schedule = "* * * * * */2" } }'
+    a = NodeProcess(tmp_path, "a", "127.0.0.1")
+    b = NodeProcess(tmp_path, "b", "127.0.0.2", extra=schedule)
+    nodes += [a, b]
+    a.start([b])
+    b.start([a])
+    with a.app() as app:
+        app.executemany(INSERT, leases("m", 50, 1))
+    wait_until(lambda: b.count("dhcp_leases") == 50, what="b to receive the leases")
+    wait_until(lambda: len(b.logged("snapshot merged", peer="a")) >= 2, timeout=15,
+               what="two scheduled full resyncs")  # fmt: skip
+    assert b.logged("scheduled full resync requested", peer="a")
+    checkpoint = a.post("/api/replication/checkpoint")
+    assert checkpoint["reason"] == "requested by the operator"
+    assert checkpoint["peers"]["b"]["acked_position"] == 50
+    assert checkpoint["version_vector"] == a.status()["version_vector"]
+    a.stop()
+    a.start([b])
+    wait_until(lambda: started_again(a, 2), what="a to restart")
+    assert [c["id"] for c in a.status()["checkpoints"]] == [checkpoint["id"]]
