@@ -460,10 +460,25 @@ class CustomFilter:
     condition: str
 
 
+# Columns dropped by ``exclude_sensitive`` unless ``sensitive_columns`` names others:
+# "table.column" glob patterns.
+DEFAULT_SENSITIVE = ("*.*password*", "*.*secret*", "*.*token*", "*.*private*")
+# Custom filter types the seed documents use, and the tables each covers (a category or a
+# table name works too).
+FILTER_TYPES: Mapping[str, tuple[str, ...]] = {
+    "dhcp": ("dhcp_leases",),
+    "dns": ("dns_records", "dns_cache"),
+    "learning": ("learning_flows", "learning_suggestions"),
+}
+TRANSFORMATIONS = ("anonymize_ips", "compress_data", "encrypt_data")
+
+
 @dataclass(frozen=True, slots=True)
 class FilterConfig:
     zones: tuple[str, ...] = ()
+    zone_column: str = "zone"
     exclude_sensitive: bool = False
+    sensitive_columns: tuple[str, ...] = DEFAULT_SENSITIVE
     custom_filters: tuple[CustomFilter, ...] = ()
 
     @property
@@ -568,7 +583,10 @@ def _replication(section: _Section, base: Path) -> ReplicationConfig:
         categories[key] = extra.strings(key)
     extra.done()
     transformations = section.section("transformations")
-    transform_flags = {key: transformations.boolean(key, False) for key in transformations.names()}
+    # compress_data and encrypt_data are what the transport always does; anonymize_ips is opt-in.
+    transform_flags = {
+        key: transformations.boolean(key, key != "anonymize_ips") for key in TRANSFORMATIONS
+    }
     transformations.done()
     config = ReplicationConfig(
         mode=mode,
@@ -676,7 +694,9 @@ def _filters(section: _Section) -> FilterConfig:
         custom.append(CustomFilter(kind, condition))
     config = FilterConfig(
         zones=section.strings("zones"),
+        zone_column=section.string("zone_column", "zone"),
         exclude_sensitive=section.boolean("exclude_sensitive", False),
+        sensitive_columns=section.strings("sensitive_columns") or DEFAULT_SENSITIVE,
         custom_filters=tuple(custom),
     )
     section.done()

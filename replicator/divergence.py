@@ -19,7 +19,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -27,6 +27,9 @@ from protocol import BUCKETS, Origin, RowVersion, SnapshotRow
 from protocol.checks import SqlValue
 from replicator.rows import decode_row, key_sql, parse_key, quote_identifier
 from replicator.tables import TableInfo
+
+if TYPE_CHECKING:
+    from replicator.filters import RowFilter
 
 __all__ = [
     "TAMPERED",
@@ -148,17 +151,20 @@ def compute(
     tables: Mapping[str, TableInfo],
     vector: dict[Origin, int],
     origin: Origin,
+    view: RowFilter | None = None,
 ) -> Checksums:
     """Checksums of every table, and the rows found edited or deleted with capture bypassed.
 
     Call inside one read transaction, with ``vector`` read in it, so the checksums are those
-    of that vector.
+    of that vector. With ``view`` (filters or transformations on), the checksums are of the
+    rows as peers see them: only what links carry is compared.
     """
     started = time.monotonic()
     found: dict[str, TableCheck] = {}
     for name, info in sorted(tables.items()):
         check = found[name] = TableCheck()
-        for key, row, recorded in versioned_rows(conn, info, origin):
+        for stored_key, stored, recorded in versioned_rows(conn, info, origin):
+            key, row = stored_key, stored
             if row.version.hlc == 0:
                 check.unversioned += 1
                 continue
@@ -167,6 +173,11 @@ def compute(
                 check.marked.append(key)
             elif recorded is not None and recorded != content_hash(row.values):
                 check.tampered.append(key)
+            if view is not None:
+                shared, key = view.shared_row(name, stored, key, conn)
+                if shared is None:
+                    continue
+                row = shared
             check.add(name, key, row)
         (live,) = conn.execute(
             "SELECT count(*) FROM _repl_rowmeta WHERE tbl = ? AND NOT deleted", (name,)

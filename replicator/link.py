@@ -136,6 +136,7 @@ class Link:
         cluster: ClusterView,
         snapshots: Snapshots,
         pause: PauseSwitch | None = None,
+        outgoing: Callable[[Change], Change | None] | None = None,
     ) -> None:
         self.connection = connection
         self.peer = hello.node_id
@@ -148,6 +149,7 @@ class Link:
         self._vector = vector
         self._cluster = cluster
         self._snapshots = snapshots
+        self._outgoing = outgoing  # filters and transformations; None: all as is
         self._snapshot_reason: str | None = None
         self._repairs: list[tuple[str, Mapping[str, bytes]]] = []
         self._pause = pause or PauseSwitch()
@@ -277,12 +279,21 @@ class Link:
         have = self._have
         changes: list[Change] = []
         skips: list[Skip] = []
+        outgoing = self._outgoing
         for record in records:
             entry = record.entry
             origin = entry.origin
             if isinstance(entry, Change):
                 if entry.seq > have.get(origin, 0):
-                    changes.append(entry)
+                    shared = entry if outgoing is None else outgoing(entry)
+                    if shared is not None:
+                        changes.append(shared)
+                    elif (
+                        skips and skips[-1].origin == origin and skips[-1].last_seq + 1 == entry.seq
+                    ):
+                        skips[-1] = Skip(origin, skips[-1].first_seq, entry.seq)
+                    else:  # withheld by a filter: a marker keeps the sequence whole
+                        skips.append(Skip(origin, entry.seq, entry.seq))
                     have[origin] = entry.seq
             elif entry.last_seq > have.get(origin, 0):
                 skips.append(entry)

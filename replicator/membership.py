@@ -25,7 +25,9 @@ class HelloRefused(ReplicationError):
 
 
 def shared_settings(
-    replication: ReplicationConfig, tables: Mapping[str, TableInfo]
+    replication: ReplicationConfig,
+    tables: Mapping[str, TableInfo],
+    filters: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The settings that must agree across the cluster, each as a canonical string."""
     conflicts = replication.conflict_resolution
@@ -35,6 +37,8 @@ def shared_settings(
         "priorities": json.dumps(dict(sorted(conflicts.priorities.items()))),
         "table_strategies": json.dumps(dict(sorted(conflicts.tables.items()))),
     }
+    if filters:  # rows withheld or transformed: every node must see them the same way
+        settings["filters"] = json.dumps(dict(sorted(filters.items())))
     for name in sorted(tables):
         info = tables[name]
         settings[f"table:{name}"] = json.dumps(

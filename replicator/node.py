@@ -35,6 +35,7 @@ from replicator.config import Config
 from replicator.control import ControlError, Request, Response, Routes, serve_control
 from replicator.detector import Detector
 from replicator.errors import ConfigError
+from replicator.filters import RowFilter
 from replicator.link import Link, LinkSettings, PauseSwitch, PeerStatus
 from replicator.log import KEY_PEER, get_logger
 from replicator.membership import (
@@ -80,8 +81,8 @@ def unbuilt_settings(config: Config) -> list[str]:
         f"{block} (an appliance block, not a replicator setting)" for block in config.foreign_blocks
     ]
     checks = {
-        "replication.filters": r.filters.active,
-        "replication.transformations": any(r.transformations.values()),
+        "replication.transformations.compress_data = false": not r.transformations["compress_data"],
+        "replication.transformations.encrypt_data = false": not r.transformations["encrypt_data"],
         "replication.transport.tls": bool(r.transport.tls),
         "replication.transport.encryption = false": not r.transport.encryption,
         "replication.auth.key_rotation": r.auth.key_rotation is not None,
@@ -137,6 +138,7 @@ class Node:
         self._peer_roles: dict[str, str] = {}
         self.started_at = time.time()
         self.origin: Origin | None = None
+        self.row_filter: RowFilter | None = None
         self.resync = Resync(
             self.store_settings,
             replication.recovery,
@@ -146,9 +148,10 @@ class Node:
             self._merged_snapshot,
             self.links,
             self._last_vector,
+            self.filter_copy,
         )
         self._commit_is_quick = config.state.database.synchronous in ("OFF", "NORMAL")
-        self._threshold_resyncs: dict[str, float] = {}
+        self._divergence_filter: RowFilter | None = None
         self._checkpoints: list[dict[str, Any]] = []
         self._wal = config.state.database.journal_mode.upper() == "WAL"
 
@@ -239,7 +242,16 @@ class Node:
             resolver(conflicts.strategy),
             max_clock_offset_ms=int(conflicts.max_clock_offset * 1000),
         )
-        self._settings = shared_settings(self.config.replication, store.tables)
+        replication = self.config.replication
+        passphrase, _ = replication.auth.passphrases()
+        self.row_filter = RowFilter(
+            replication,
+            store.tables,
+            store.conn,
+            f"{replication.cluster_id}\x00{passphrase}".encode(),
+            self.config.file,
+        )
+        self._settings = shared_settings(replication, store.tables, self.row_filter.describe())
         return store
 
     def _peer_settings_from_config(self) -> PeerSettings:
@@ -336,6 +348,7 @@ class Node:
         )
         hashed_through = 0
         interval = self.config.replication.recovery.checksum_interval
+        self._divergence_filter = self.filter_copy()
         try:
             while True:
                 hashed_through = await trio.to_thread.run_sync(
@@ -361,7 +374,9 @@ class Node:
         conn.execute("BEGIN")
         try:
             vector = store.version_vector()
-            checksums = divergence.compute(conn, store.tables, vector, self.origin)
+            checksums = divergence.compute(
+                conn, store.tables, vector, self.origin, self._divergence_filter
+            )
         finally:
             conn.execute("COMMIT")
         found = {
@@ -678,6 +693,7 @@ class Node:
             self.status[peer_id],
             node_id=self.node_id,
             settings=self.options.link,
+            outgoing=self._outgoing_filter(),
             read_log=_LogReader(
                 self.store_settings,
                 Origin(hello.node_id, hello.incarnation),
@@ -692,11 +708,11 @@ class Node:
         )
         behind = self._changes_behind(hello.version_vector)
         recovery = self.config.replication.recovery
-        last = self._threshold_resyncs.get(peer_id)
-        rested = last is None or time.monotonic() - last >= recovery.resync_interval
+        last = self.resync.last_sent(peer_id)
+        rested = last is None or time.time() - last >= recovery.resync_interval
         if recovery.auto_resync and behind > recovery.resync_threshold and rested:
-            # At most once per resync_interval: a peer that keeps falling behind is streamed.
-            self._threshold_resyncs[peer_id] = time.monotonic()
+            # At most one finished snapshot per resync_interval: a peer that keeps falling
+            # behind is streamed the log instead.
             link.request_snapshot(
                 f"{behind} changes behind (resync_threshold {recovery.resync_threshold})"
             )
@@ -769,6 +785,17 @@ class Node:
         result = self._applier.apply(changes, skips)
         self._vector_cache = result.held
         return result, result.held
+
+    def _outgoing_filter(self) -> Callable[[Change], Change | None] | None:
+        """Each link's own view of outgoing changes (None: every change travels as is)."""
+        if self.row_filter is None or not self.row_filter.active:
+            return None
+        return self.row_filter.copy().outgoing
+
+    def filter_copy(self) -> RowFilter | None:
+        if self.row_filter is None or not self.row_filter.active:
+            return None
+        return self.row_filter.copy()
 
     def _the_applier(self) -> Applier:
         assert self._applier is not None, "the node is not prepared yet"

@@ -18,6 +18,7 @@ from protocol import Origin, SnapshotBegin, SnapshotChunk, SnapshotEnd
 from replicator.applier import Applier
 from replicator.config import ResyncConfig
 from replicator.divergence import Checksums
+from replicator.filters import RowFilter
 from replicator.log import KEY_PEER, get_logger
 from replicator.peer import PeerConnection, PeerDisconnected
 from replicator.snapshot import SnapshotError, SnapshotMerge, SnapshotProgress, SnapshotSource
@@ -42,6 +43,7 @@ class Resync:
         on_merged: Callable[[dict[Origin, int]], None],
         links: Mapping[str, Link],
         current_vector: Callable[[], dict[Origin, int]],
+        view: Callable[[], RowFilter | None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.recovery = recovery
@@ -53,6 +55,8 @@ class Resync:
         self._merges: dict[str, SnapshotMerge] = {}
         self._floor: dict[Origin, int] = {}
         self._links = links
+        self._sent_at: dict[str, float] = {}
+        self._view = view  # a fresh copy of the outgoing view per snapshot (its own thread)
         self._vector_now = current_vector
         self.checksums: Checksums | None = None
         self.recompute = trio.Event()
@@ -95,7 +99,11 @@ class Resync:
         progress = SnapshotProgress(peer, "sending", reason)
         self.progress[peer, "sending"] = progress
         source = SnapshotSource(
-            self.settings, self._applier().store.tables, random.getrandbits(62), repair
+            self.settings,
+            self._applier().store.tables,
+            random.getrandbits(62),
+            repair,
+            self._view(),
         )
         _log.info("sending a snapshot", reason=reason, **{KEY_PEER: peer})
         try:
@@ -115,6 +123,8 @@ class Resync:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(source.close)
         progress.finish()
+        if not repair:
+            self._sent_at[peer] = time.time()
         _log.info("snapshot sent", rows=progress.rows, seconds=progress.as_dict()["seconds"],
                   **{KEY_PEER: peer})  # fmt: skip
         return source.log_position, dict(source.vector)
@@ -128,7 +138,7 @@ class Resync:
         _log.info("receiving a snapshot", rows=progress.total_rows, **{KEY_PEER: peer})
         try:
             self._merges[peer] = await trio.to_thread.run_sync(
-                SnapshotMerge, self._applier(), message, peer, limiter=self._limiter
+                SnapshotMerge, self._applier(), message, peer, self._view(), limiter=self._limiter
             )
         except SnapshotError as error:
             self._fail(peer, error)
@@ -182,6 +192,10 @@ class Resync:
         self._alarms[f"snapshot_failed:{peer}"] = f"snapshot from {peer} failed: {error.message}"
         _log.error("snapshot refused", reason=error.message, **{KEY_PEER: peer})
         raise PeerDisconnected(error.message, op="snapshot", peer=peer) from None
+
+    def last_sent(self, peer: str) -> float | None:
+        """When the last full snapshot sent to ``peer`` finished (None: none finished)."""
+        return self._sent_at.get(peer)
 
     def report(self) -> list[dict[str, object]]:
         return [progress.as_dict() for _, progress in sorted(self.progress.items())]

@@ -50,6 +50,7 @@ from replicator.divergence import (
     versioned_rows,
 )
 from replicator.errors import ReplicationError
+from replicator.filters import RowFilter
 from replicator.log import KEY_PEER, get_logger
 from replicator.rows import key_sql, parse_key, quote_identifier
 from replicator.store import StoreSettings, connect
@@ -129,6 +130,7 @@ class SnapshotSource:
         tables: Mapping[str, TableInfo],
         ident: int,
         repair: Mapping[str, bytes] | None = None,
+        view: RowFilter | None = None,
     ):
         """``repair``: per table, the asker's bucket checksums; only the rows of buckets that
         differ from this node's are sent (a repair), and only of those tables."""
@@ -136,6 +138,7 @@ class SnapshotSource:
         self.tables = dict(tables) if not repair else {t: tables[t] for t in repair if t in tables}
         self.ident = ident
         self.repair = dict(repair or {})
+        self.view = view  # filters and transformations: peers get only what they share
         self.ranges: dict[str, set[int]] = {}
         self.path = f"{settings.path}.snapshot-{ident}"
         self._conn: sqlite3.Connection | None = None
@@ -173,7 +176,7 @@ class SnapshotSource:
             conn.execute("SELECT COALESCE(MAX(seq), 0) FROM _repl_log").fetchone()[0]
         )
         if self.repair:
-            mine = compute(conn, self.tables, self.vector, self.origin).tables
+            mine = compute(conn, self.tables, self.vector, self.origin, self.view).tables
             self.ranges = {
                 name: mine[name].differing(theirs) for name, theirs in self.repair.items()
                 if name in mine
@@ -210,9 +213,17 @@ class SnapshotSource:
         assert self.origin is not None
         wanted = self.ranges.get(name)
         checksum = self._checksums.get(name, 0)
-        for key, row, recorded in versioned_rows(self._conn, self.tables[name], self.origin):
+        for stored_key, stored, recorded in versioned_rows(
+            self._conn, self.tables[name], self.origin
+        ):
             if recorded == TAMPERED:  # known to be wrong here: never offered as the truth
                 continue
+            key, row = stored_key, stored
+            if self.view is not None:
+                shared, key = self.view.shared_row(name, stored, key, self._conn)
+                if shared is None:
+                    continue
+                row = shared
             if wanted is not None and key_bucket(name, key) not in wanted:
                 continue
             checksum = fold(checksum, row_hash(name, key, row))
@@ -269,8 +280,11 @@ def _row_size(row: SnapshotRow) -> int:
 class SnapshotMerge:
     """Merges one snapshot into the applier's database (use from one thread at a time)."""
 
-    def __init__(self, applier: Applier, begin: SnapshotBegin, peer: str) -> None:
+    def __init__(
+        self, applier: Applier, begin: SnapshotBegin, peer: str, view: RowFilter | None = None
+    ) -> None:
         self.applier = applier
+        self.view = view  # the rows this node shares: the others never came from the sender
         self.begin = begin
         self.peer = peer
         self.vector = dict(begin.version_vector)
@@ -417,14 +431,12 @@ class SnapshotMerge:
             return True
         if not self.partial or row.values is None:
             return False
-        where = " AND ".join(f"{quote_identifier(c)} IS ?" for c in info.primary_key)
-        names = ", ".join(quote_identifier(c) for c in info.columns)
-        found = conn.execute(
-            f"SELECT {names} FROM {quote_identifier(info.name)} WHERE {where}", row.pk
-        ).fetchone()
+        found = _stored_row(conn, info, row.pk)
         if found is None:
             return True
-        ours = content_hash(dict(zip(info.columns, found, strict=True)))
+        if self.view is not None:
+            found = self.view.transform(info.name, found)
+        ours = content_hash(found)
         theirs = content_hash(row.values)
         return theirs != ours and theirs > ours
 
@@ -468,6 +480,10 @@ class SnapshotMerge:
             if wanted is not None and key_bucket(info.name, key) not in wanted:
                 continue  # a repair carries only some buckets: the others were not sent
             if seq <= self.vector.get(Origin(node, inc), 0):
+                if self.view is not None:
+                    stored = _stored_row(conn, info, tuple(record[:width]))
+                    if stored is not None and not self.view.shares(info.name, stored):
+                        continue  # not shared: the sender never had it to send
                 conn.execute(delete, record[:width])
                 conn.execute("DELETE FROM _repl_rowmeta WHERE tbl = ? AND pk = ?", (info.name, key))
                 self.removed += 1
@@ -587,6 +603,17 @@ def _stage_row(row: SnapshotRow) -> bytes:
 def _unstage_row(data: bytes) -> SnapshotRow:
     pk, values, stamp, node, inc, generation, seq = msgpack.unpackb(data, raw=False)
     return SnapshotRow(tuple(pk), values, RowVersion(stamp, Origin(node, inc), generation), seq)
+
+
+def _stored_row(
+    conn: sqlite3.Connection, info: TableInfo, pk: Sequence[SqlValue]
+) -> dict[str, SqlValue] | None:
+    where = " AND ".join(f"{quote_identifier(c)} IS ?" for c in info.primary_key)
+    names = ", ".join(quote_identifier(c) for c in info.columns)
+    found = conn.execute(
+        f"SELECT {names} FROM {quote_identifier(info.name)} WHERE {where}", list(pk)
+    ).fetchone()
+    return None if found is None else dict(zip(info.columns, found, strict=True))
 
 
 def _load_versions(
