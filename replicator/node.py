@@ -88,6 +88,9 @@ def unbuilt_settings(config: Config) -> list[str]:
         "replication.auth.key_rotation": r.auth.key_rotation is not None,
         'replication.sync.mode = "full"': r.sync.mode == "full",
         "replication.recovery.incremental.enabled = false": not r.recovery.incremental_enabled,
+        "replication.recovery.full_resync.compression = false": (
+            not r.recovery.full_resync_compression
+        ),
         "replication.backup_before_resync": r.backup_before_resync,
         "replication.conflict_resolution.manual_resolution.require_approval": (
             r.conflict_resolution.require_approval

@@ -51,6 +51,7 @@ class NodeProcess:
         tables: str = "dhcp_leases = true, dns_records = true",
         mode: str = "active-active",
         truncate_interval: str = "30s",
+        log_retention: str = "7d",
         max_lag: str = "10s",
         liveness_timeout: str = "10s",
         extra: str = "",
@@ -62,6 +63,7 @@ class NodeProcess:
         self.max_lag = max_lag
         self.mode = mode
         self.truncate_interval = truncate_interval
+        self.log_retention = log_retention
         self.directory = directory / node_id
         self.directory.mkdir(parents=True, exist_ok=True)
         self.node_id = node_id
@@ -96,6 +98,7 @@ replication {{
   ]
   auth = {{ secret_key = "{self.secret}" }}
   sync = {{ interval = "200ms", batch_size = 500, truncate_interval = "{self.truncate_interval}",
+           log_retention = "{self.log_retention}",
            max_lag = "{self.max_lag}", heartbeat_interval = "200ms",
            liveness_timeout = "{self.liveness_timeout}" }}
   data = {{ {self.tables} }}

@@ -245,3 +245,36 @@ def test_filtered_and_transformed_replication_keeps_checksums_in_agreement(
     b.post("/api/replication/resync", {"peer": "a", "full": True})
     wait_until(lambda: bool(b.logged("snapshot merged", peer="a")), what="b's full resync")
     assert {r[0] for r in b.rows("dhcp_leases")} == {"m1", "b-test"}
+
+
+def test_a_peer_away_past_log_retention_gets_a_snapshot_while_both_write(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    """b is down so long that a forgets log entries b never had (log_retention); when b
+    comes back, a snapshot brings it up to date while both applications keep writing, and
+    nothing either side wrote is lost."""
+    a = NodeProcess(tmp_path, "a", "127.0.0.1", truncate_interval="300ms", log_retention="1s")
+    b = NodeProcess(tmp_path, "b", "127.0.0.2")
+    nodes += [a, b]
+    a.start([b])
+    b.start([a])
+    with a.app() as app:
+        app.executemany(INSERT, leases("m", 200, 1))
+    wait_until(lambda: b.count("dhcp_leases") == 200, what="b to receive the leases")
+    b.stop()
+    with a.app() as app:
+        app.executemany(INSERT, leases("away", 500, 2))
+    forgotten = "log entries past log_retention forgotten before every peer had them"
+    wait_until(lambda: bool(a.logged(forgotten)), what="a to forget what b lacks")
+    writer_a = Writer(a, "a-", 3)
+    writer_a.start()
+    b.start([a])
+    wait_until(lambda: started_again(b, 2), what="b to restart")
+    writer_b = Writer(b, "b-", 4)
+    writer_b.start()
+    wait_until(lambda: bool(b.logged("snapshot merged", peer="a")), what="b's snapshot")
+    time.sleep(0.5)
+    written = set(writer_a.stop()) | set(writer_b.stop())
+    expected = written | {m for m, _, _ in leases("m", 200, 1) + leases("away", 500, 2)}
+    wait_until(lambda: macs(a) == macs(b) == expected, what="both to hold every row")
+    assert a.logged("sending a snapshot", peer="b")
