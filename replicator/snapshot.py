@@ -332,12 +332,11 @@ class SnapshotMerge:
         self._next_index[chunk.table] = chunk.index + 1
         store = self.applier.store
         checksum = self.checksums.get(chunk.table, 0)
-        staged = []
         for row in chunk.rows:
             checksum = fold(checksum, row_hash(chunk.table, store.key(row.pk), row))
-            staged.append((chunk.table, _stage_row(row)))
         self.checksums[chunk.table] = checksum
-        self.rows += len(staged)
+        self.rows += len(chunk.rows)
+        staged = [(chunk.table, _stage_rows(chunk.rows))]
         store.begin_immediate()
         try:
             if not self._staging:
@@ -352,23 +351,18 @@ class SnapshotMerge:
             raise
 
     def _merge_staged(self) -> None:
-        """Merge the verified rows, one chunk per transaction, in the sender's order."""
+        """Merge the verified chunks, one per transaction, in the sender's order."""
         conn = self.applier.store.conn
         after = 0
         while True:
-            batch = conn.execute(
-                "SELECT id, tbl, row FROM _repl_snapshot_stage WHERE id > ? ORDER BY id LIMIT ?",
-                (after, CHUNK_ROWS),
-            ).fetchall()
-            if not batch:
+            staged = conn.execute(
+                "SELECT id, tbl, row FROM _repl_snapshot_stage WHERE id > ? ORDER BY id LIMIT 1",
+                (after,),
+            ).fetchone()
+            if staged is None:
                 return
-            after = batch[-1][0]
-            start = 0
-            for index in range(1, len(batch) + 1):  # split where the table changes
-                if index == len(batch) or batch[index][1] != batch[start][1]:
-                    table = batch[start][1]
-                    self._merge_chunk(table, [_unstage_row(r[2]) for r in batch[start:index]])
-                    start = index
+            after, table, data = staged
+            self._merge_chunk(table, _unstage_rows(data))
 
     def _merge_chunk(self, table: str, rows: Sequence[SnapshotRow]) -> None:
         if self._current is not None and self._current != table:
@@ -395,7 +389,7 @@ class SnapshotMerge:
         columns = info.columns
         delete = delete_sql(info)
         upsert = upsert_sql(info, columns)
-        highest = 0
+        winners: list[tuple[str, SnapshotRow]] = []
         for key, row in keyed:
             mine, recorded = current.get(key, (None, None))
             if mine is not None:
@@ -404,22 +398,40 @@ class SnapshotMerge:
                     continue
                 if theirs == ours and not self._mend(conn, info, row, recorded):
                     continue
-            try:
-                if row.values is None:
-                    conn.execute(delete, row.pk)
-                else:
-                    conn.execute(upsert, [row.values.get(c) for c in columns])
-            except sqlite3.IntegrityError as error:
-                # Another row here holds one of its UNIQUE values: keep ours, say so.
-                self.refused += 1
-                _log.warning("snapshot row refused here", reason=str(error), key=key,
-                             table=info.name, **{KEY_PEER: self.peer})  # fmt: skip
-                continue
-            _save_version(conn, info.name, key, row)
-            highest = max(highest, row.version.hlc)
-            self.written += 1
+            winners.append((key, row))
+        deletes = [row.pk for _, row in winners if row.values is None]
+        upserts = [
+            [row.values.get(c) for c in columns] for _, row in winners if row.values is not None
+        ]
+        try:
+            conn.executemany(delete, deletes)
+            conn.executemany(upsert, upserts)
+            written = winners
+        except sqlite3.IntegrityError:
+            # Some row here holds one of a row's UNIQUE values: find which, keep ours.
+            written = [(key, row) for key, row in winners if self._write_one(conn, info, key, row)]
+        conn.executemany(_SAVE_VERSION, [_version_params(info.name, k, r) for k, r in written])
+        highest = max((row.version.hlc for _, row in written), default=0)
+        self.written += len(written)
         if highest:
             conn.execute("UPDATE _repl_clock SET hlc = MAX(hlc, ?) WHERE id = 1", (highest,))
+
+    def _write_one(
+        self, conn: sqlite3.Connection, info: TableInfo, key: str, row: SnapshotRow
+    ) -> bool:
+        try:
+            if row.values is None:
+                conn.execute(delete_sql(info), row.pk)
+            else:
+                conn.execute(
+                    upsert_sql(info, info.columns), [row.values.get(c) for c in info.columns]
+                )
+        except sqlite3.IntegrityError as error:
+            self.refused += 1
+            _log.warning("snapshot row refused here", reason=str(error), key=key,
+                         table=info.name, **{KEY_PEER: self.peer})  # fmt: skip
+            return False
+        return True
 
     def _mend(
         self, conn: sqlite3.Connection, info: TableInfo, row: SnapshotRow, recorded: bytes | None
@@ -592,17 +604,27 @@ class SnapshotMerge:
             raise
 
 
-def _stage_row(row: SnapshotRow) -> bytes:
-    version = row.version
-    origin = version.origin
-    fields = [list(row.pk), row.values, version.hlc, origin.node_id, origin.incarnation]
-    packed: bytes = msgpack.packb([*fields, version.generation, row.seq], use_bin_type=True)
+def _stage_rows(rows: Sequence[SnapshotRow]) -> bytes:
+    packed: bytes = msgpack.packb(
+        [
+            [list(r.pk), r.values, r.version.hlc, r.version.origin.node_id,
+             r.version.origin.incarnation, r.version.generation, r.seq]
+            for r in rows
+        ],
+        use_bin_type=True,
+    )  # fmt: skip
     return packed
 
 
-def _unstage_row(data: bytes) -> SnapshotRow:
-    pk, values, stamp, node, inc, generation, seq = msgpack.unpackb(data, raw=False)
-    return SnapshotRow(tuple(pk), values, RowVersion(stamp, Origin(node, inc), generation), seq)
+def _unstage_rows(data: bytes) -> list[SnapshotRow]:
+    origins: dict[tuple[str, int], Origin] = {}
+    rows = []
+    for pk, values, stamp, node, inc, generation, seq in msgpack.unpackb(data, raw=False):
+        origin = origins.get((node, inc))
+        if origin is None:
+            origin = origins[node, inc] = Origin(node, inc)
+        rows.append(SnapshotRow(tuple(pk), values, RowVersion(stamp, origin, generation), seq))
+    return rows
 
 
 def _stored_row(
@@ -631,25 +653,27 @@ def _load_versions(
     }
 
 
-def _save_version(conn: sqlite3.Connection, table: str, key: str, row: SnapshotRow) -> None:
+_SAVE_VERSION = (
+    "INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted, prev_hlc,"
+    " prev_node, prev_inc, prev_gen, hash, seq)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, ?, ?)"
+    " ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node,"
+    " inc = excluded.inc, generation = excluded.generation, deleted = excluded.deleted,"
+    " prev_hlc = NULL, prev_node = NULL, prev_inc = NULL, prev_gen = NULL,"
+    " hash = excluded.hash, seq = excluded.seq"
+)
+
+
+def _version_params(table: str, key: str, row: SnapshotRow) -> tuple[Any, ...]:
     version = row.version
-    conn.execute(
-        "INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted, prev_hlc,"
-        " prev_node, prev_inc, prev_gen, hash, seq)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, ?, ?)"
-        " ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node,"
-        " inc = excluded.inc, generation = excluded.generation, deleted = excluded.deleted,"
-        " prev_hlc = NULL, prev_node = NULL, prev_inc = NULL, prev_gen = NULL,"
-        " hash = excluded.hash, seq = excluded.seq",
-        (
-            table,
-            key,
-            version.hlc,
-            version.origin.node_id,
-            version.origin.incarnation,
-            version.generation,
-            int(row.values is None),
-            None if row.values is None else content_hash(row.values),
-            row.seq or None,
-        ),
+    return (
+        table,
+        key,
+        version.hlc,
+        version.origin.node_id,
+        version.origin.incarnation,
+        version.generation,
+        int(row.values is None),
+        None if row.values is None else content_hash(row.values),
+        row.seq or None,
     )
