@@ -17,8 +17,9 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import parse_qsl, unquote
 
 import h11
 import trio
@@ -45,6 +46,8 @@ class Request:
     method: str
     path: str
     body: bytes
+    query: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)  # the path's {name} segments
 
     def json(self) -> Any:
         if not self.body:
@@ -167,19 +170,47 @@ async def _read_request(stream: trio.SocketStream, connection: h11.Connection) -
             if len(body) > MAX_REQUEST_BYTES:
                 raise h11.RemoteProtocolError("request body too large")
         elif isinstance(event, h11.EndOfMessage) and head is not None:
-            target = head.target.decode("ascii", "replace").split("?", 1)[0]
-            return Request(head.method.decode("ascii", "replace"), target, bytes(body))
+            target, _, query = head.target.decode("ascii", "replace").partition("?")
+            return Request(
+                head.method.decode("ascii", "replace"),
+                target,
+                bytes(body),
+                dict(parse_qsl(query)),
+            )
         elif isinstance(event, h11.ConnectionClosed):
             return None
+
+
+def _match(pattern: str, path: str) -> dict[str, str] | None:
+    """``/a/{id}/b`` against ``/a/7/b``: {"id": "7"}; None when it does not match."""
+    wanted, given = pattern.split("/"), path.split("/")
+    if len(wanted) != len(given):
+        return None
+    params = {}
+    for part, value in zip(wanted, given, strict=True):
+        if part.startswith("{") and part.endswith("}"):
+            if not value:
+                return None
+            params[part[1:-1]] = unquote(value)
+        elif part != value:
+            return None
+    return params
 
 
 async def _dispatch(request: Request, routes: Routes) -> Response:
     path = request.path.rstrip("/") or "/"
     handler = routes.get((request.method, path))
+    allowed = sorted({method for method, pattern in routes if _match(pattern, path) is not None})
     if handler is None:
-        known_paths = {route_path for _, route_path in routes}
-        if path in known_paths:
-            return Response(405, _error("method not allowed", f"{request.method} {path}"))
+        for (method, pattern), candidate in routes.items():
+            params = _match(pattern, path) if method == request.method else None
+            if params is not None:
+                handler, request = candidate, replace(request, params=params)
+                break
+    if handler is None:
+        if allowed:
+            details = f"{request.method} {path}; allowed: {', '.join(allowed)}"
+            return Response(405, _error("method not allowed", details))
         return Response(404, _error("not found", f"no such path: {path}"))
     try:
         return await handler(request)

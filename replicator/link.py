@@ -205,6 +205,11 @@ class Link:
             await self.connection.send(Resend(self._vector()))
 
     @property
+    def in_flight(self) -> int:
+        """Batches sent and not acknowledged yet."""
+        return len(self._in_flight)
+
+    @property
     def lag_seconds(self) -> float:
         """How long the oldest unacknowledged batch has been waiting for its ack."""
         if not self._in_flight:

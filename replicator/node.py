@@ -28,11 +28,12 @@ import trio
 from croniter import croniter
 
 from protocol import Change, Hello, Keyring, Origin, SessionSettings, Skip, stretch_passphrase
-from replicator import dbcall, divergence, hlc, retention
+from replicator import conflicts, dbcall, divergence, hlc, retention
+from replicator.api import ControlApi
 from replicator.applier import Applier, ApplyResult
 from replicator.checkpoints import list_checkpoints, take_checkpoint
 from replicator.config import Config
-from replicator.control import ControlError, Request, Response, Routes, serve_control
+from replicator.control import serve_control
 from replicator.detector import Detector
 from replicator.errors import ConfigError
 from replicator.filters import RowFilter
@@ -45,6 +46,7 @@ from replicator.membership import (
     fingerprint,
     shared_settings,
 )
+from replicator.metrics import NodeMetrics
 from replicator.migrations import SCHEMA_VERSION
 from replicator.peer import PeerConnection, PeerDisconnected, PeerSettings
 from replicator.resolvers import ManualResolver, Resolver, TimestampResolver, make_resolver
@@ -155,6 +157,10 @@ class Node:
         )
         self._commit_is_quick = config.state.database.synchronous in ("OFF", "NORMAL")
         self._divergence_filter: RowFilter | None = None
+        self._hashed_through = 0
+        self._counts: dict[str, Any] = {"open": 0, "by_table": {}, "quarantined": 0}
+        self.last_validation: dict[str, Any] | None = None
+        self.metrics = NodeMetrics(self.status_report)
         self._checkpoints: list[dict[str, Any]] = []
         self._wal = config.state.database.journal_mode.upper() == "WAL"
 
@@ -181,7 +187,10 @@ class Node:
         self._detector = detector
         self.started_at = time.time()
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_control, replication.control_socket, self._routes())
+            await nursery.start(
+                serve_control, replication.control_socket, ControlApi(self).routes()
+            )
+            nursery.start_soon(self._expire_conflicts_periodically)
             nursery.start_soon(self._watch_log, detector)
             nursery.start_soon(self._truncate_log_periodically)
             if self._wal:
@@ -349,13 +358,12 @@ class Node:
         store = await trio.to_thread.run_sync(
             functools.partial(Store.open, self.store_settings, prepare=False)
         )
-        hashed_through = 0
         interval = self.config.replication.recovery.checksum_interval
         self._divergence_filter = self.filter_copy()
         try:
             while True:
-                hashed_through = await trio.to_thread.run_sync(
-                    self._check_divergence, store, hashed_through
+                self._hashed_through = await trio.to_thread.run_sync(
+                    self._check_divergence, store, self._hashed_through
                 )
                 with trio.move_on_after(interval):
                     await self.resync.recompute.wait()
@@ -453,12 +461,33 @@ class Node:
         self._checkpoints = [checkpoint, *self._checkpoints][:_CHECKPOINTS_SHOWN]
         return checkpoint
 
+    async def _expire_conflicts_periodically(self) -> None:
+        """Manual conflicts left open past their timeout: the provisional winner stands."""
+        timeout_ms = int(self.config.replication.conflict_resolution.manual_timeout * 1000)
+        while True:
+            await trio.sleep(min(10.0, timeout_ms / 2000))
+
+            def expire() -> int:
+                store = self.applier_store()
+                store.begin_immediate()
+                try:
+                    expired = conflicts.expire(store.conn, timeout_ms)
+                    store.commit()
+                except BaseException:
+                    store.rollback()
+                    raise
+                return expired
+
+            expired = await trio.to_thread.run_sync(expire, limiter=self._apply_limiter)
+            if expired:
+                _log.info("conflicts timed out: provisional winners kept", conflicts=expired)
+
     async def _truncate_log_periodically(self) -> None:
         while True:
             await trio.sleep(self.config.replication.sync.truncate_interval)
-            await self._forget()
+            await self.forget()
 
-    async def _forget(self) -> None:
+    async def forget(self) -> int:
         """Truncate the log and collect tombstones below what the whole cluster holds, one
         short transaction at a time so batches from peers are applied in between."""
         assert self._applier is not None
@@ -502,78 +531,56 @@ class Node:
                 break
         if collected:
             _log.info("tombstones collected", tombstones=collected)
+        return removed
 
     # -- operator view -----------------------------------------------------------------------
 
-    def _routes(self) -> Routes:
-        return {
-            ("GET", "/api/replication/status"): self._status_route,
-            ("POST", "/api/replication/pause"): self._pause_route,
-            ("POST", "/api/replication/resume"): self._resume_route,
-            ("POST", "/api/replication/promote"): self._promote_route,
-            ("POST", "/api/replication/resync"): self._resync_route,
-            ("POST", "/api/replication/checkpoint"): self._checkpoint_route,
-        }
+    # -- for the operator API (replicator.api) ------------------------------------------------
 
-    async def _checkpoint_route(self, request: Request) -> Response:
-        return Response(200, await self.take_checkpoint("requested by the operator"))
+    @property
+    def apply_limiter(self) -> trio.CapacityLimiter:
+        return self._apply_limiter
 
-    async def _resync_route(self, request: Request) -> Response:
-        """This node pulls from a peer: its whole state (``full``) or its log again."""
-        body = request.json()
-        if not isinstance(body, dict):
-            raise ControlError(400, "request body must be a JSON object")
-        full = body.get("full", False)
-        peer = body.get("peer")
-        if not isinstance(full, bool) or not (peer is None or isinstance(peer, str)):
-            raise ControlError(400, "invalid resync request",
-                               '"full" must be true or false, "peer" a node id')  # fmt: skip
-        if peer is None:
-            connected = sorted(self.links)
-            if not connected:
-                raise ControlError(409, "no peer is connected", "nothing to resync from")
-            peer = connected[0]
-        elif peer not in self.peers:
-            raise ControlError(404, f"no configured peer {peer!r}",
-                               f"configured: {', '.join(sorted(self.peers))}")  # fmt: skip
-        link = self.links.get(peer)
-        if link is None:
-            raise ControlError(409, f"peer {peer!r} is not connected",
-                               "resync needs a live link; see /api/replication/peers")  # fmt: skip
-        await link.pull(full=full, reason="requested by the operator")
-        _log.info("resync requested", full=full, **{KEY_PEER: peer})
-        return Response(202, {"peer": peer, "full": full, "requested": True})
+    def applier_store(self) -> Store:
+        return self._the_applier().store
 
-    async def _pause_route(self, request: Request) -> Response:
-        self.pause_switch.pause()
-        _log.info("replication paused")
-        return Response(200, {"paused": True})
+    async def fresh_status(self) -> dict[str, Any]:
+        """The status report, with the version vector and the counts read just now."""
 
-    async def _resume_route(self, request: Request) -> Response:
-        self.pause_switch.resume()
-        _log.info("replication resumed")
-        for link in list(self.links.values()):
-            with contextlib.suppress(PeerDisconnected):
-                await link.resumed()
-        return Response(200, {"paused": False})
+        def read() -> None:
+            self._vector_now()
+            self._counts = _read_counts(self.applier_store().conn)
 
-    async def _promote_route(self, request: Request) -> Response:
+        await trio.to_thread.run_sync(read, limiter=self._apply_limiter)
+        return self.status_report()
+
+    async def promote(self) -> dict[str, Any]:
         if self.role == "primary":
-            return Response(200, {"role": self.role, "changed": False})
+            return {"role": self.role, "changed": False}
 
         def promote() -> None:
-            assert self._applier is not None
-            self._applier.store.set_read_only(False, promoted=True)
+            self.applier_store().set_read_only(False, promoted=True)
 
         await trio.to_thread.run_sync(promote, limiter=self._apply_limiter)
         self.promoted = True
         _log.warning("promoted: this node now accepts local writes", node=self.node_id)
         self._check_split_brain()
-        return Response(200, {"role": self.role, "changed": True})
+        return {"role": self.role, "changed": True}
 
-    async def _status_route(self, request: Request) -> Response:
-        await trio.to_thread.run_sync(self._vector_now, limiter=self._apply_limiter)
-        return Response(200, self.status_report())
+    async def check_divergence_now(self) -> None:
+        """Checksums computed now (for validate), on a connection of its own."""
+        store = await trio.to_thread.run_sync(
+            functools.partial(Store.open, self.store_settings, prepare=False)
+        )
+        try:
+            self._hashed_through = await trio.to_thread.run_sync(
+                self._check_divergence, store, self._hashed_through
+            )
+        finally:
+            store.close()
+
+    def announce_log_change(self) -> None:
+        self._announce_log_change()
 
     def status_report(self) -> dict[str, Any]:
         replication = self.config.replication
@@ -601,6 +608,7 @@ class Node:
                     "bytes_out": status.bytes_out,
                     "changes_sent": status.changes_sent,
                     "changes_received": status.changes_received,
+                    "in_flight_batches": link.in_flight if link is not None else 0,
                     "last_error": status.last_error,
                 }
             )
@@ -620,6 +628,8 @@ class Node:
             "snapshots": self.resync.report(),
             "divergence": self.resync.divergence_report(),
             "checkpoints": self._checkpoints,
+            "conflicts": {"open": self._counts["open"], "by_table": self._counts["by_table"]},
+            "quarantined": self._counts["quarantined"],
         }
 
     async def shutdown(self) -> None:
@@ -882,3 +892,17 @@ def _describe_remote(stream: trio.SocketStream) -> str:
     except OSError:
         return "unknown"
     return f"{host}:{port}"
+
+
+def _read_counts(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Open conflicts, conflicts counted per table / strategy / kind, quarantined changes."""
+    (open_conflicts,) = conn.execute(
+        "SELECT count(*) FROM _repl_conflicts WHERE status = 'open'"
+    ).fetchone()
+    by_table: dict[str, dict[str, dict[str, int]]] = {}
+    for table, strategy, kind, count in conn.execute(
+        "SELECT tbl, strategy, kind, count FROM _repl_conflict_counts"
+    ):
+        by_table.setdefault(table, {}).setdefault(strategy, {})[kind] = count
+    (quarantined,) = conn.execute("SELECT count(*) FROM _repl_quarantine").fetchone()
+    return {"open": open_conflicts, "by_table": by_table, "quarantined": quarantined}

@@ -61,6 +61,7 @@ class Resync:
         self.checksums: Checksums | None = None
         self.recompute = trio.Event()
         self.divergent: dict[str, list[str]] = {}
+        self.peer_sums: dict[str, tuple[dict[Origin, int], dict[str, bytes]]] = {}
         self._asked: dict[tuple[str, str], float] = {}
         self._cooldown = max(5.0, recovery.checksum_interval / 2)
         self.repairs_requested = 0
@@ -210,6 +211,7 @@ class Resync:
     async def peer_checksums(
         self, peer: str, vector: Mapping[Origin, int], checksums: Mapping[str, bytes]
     ) -> None:
+        self.peer_sums[peer] = (_nonzero(vector), dict(checksums))
         mine = self.checksums
         theirs = _nonzero(vector)
         if mine is None or _nonzero(mine.vector) != theirs:
@@ -236,6 +238,12 @@ class Resync:
                      tables=due, **{KEY_PEER: peer})  # fmt: skip
         buckets = {table: mine.tables[table].bucket_bytes() for table in due}
         await link.ask_repair("table checksums differ", buckets)
+
+    def comparable(self, peer: str) -> bool:
+        """The peer's last checksums are at the vector of ours."""
+        seen = self.peer_sums.get(peer)
+        mine = self.checksums
+        return seen is not None and mine is not None and seen[0] == _nonzero(mine.vector)
 
     async def repair_tampered(self, tables: list[str]) -> None:
         """Rows here were edited behind replication's back: ask a connected peer for them."""

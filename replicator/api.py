@@ -1,0 +1,412 @@
+"""The operator API on the control socket: every path of the design, one handler each.
+
+Handlers read the node's state or ask the node to act; database work runs in a worker thread
+on the applier's connection (behind its limiter), so a request never races an apply. Errors
+are `ControlError`s, which the server turns into ``{"error", "details"}`` with their status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from replicator import conflicts
+from replicator.control import ControlError, Request, Response, Routes
+from replicator.log import KEY_PEER, get_logger
+from replicator.peer import PeerDisconnected
+from replicator.rows import quote_identifier
+from replicator.store import Store
+from replicator.tables import TRIGGER_PREFIX
+
+if TYPE_CHECKING:
+    from replicator.node import Node
+
+__all__ = ["ControlApi"]
+
+_log = get_logger("api")
+_T = TypeVar("_T")
+_WAIT_FOR_PEERS = 3.0  # validate: how long to wait for peers' checksums at our vector
+
+
+class ControlApi:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def routes(self) -> Routes:
+        r, s = "/api/replication", "/api/state"
+        return {
+            ("GET", f"{r}/status"): self.status,
+            ("GET", f"{r}/peers"): self.peers,
+            ("GET", f"{r}/lag"): self.lag,
+            ("GET", f"{r}/queue"): self.queue,
+            ("POST", f"{r}/resync"): self.resync,
+            ("POST", f"{r}/pause"): self.pause,
+            ("POST", f"{r}/resume"): self.resume,
+            ("POST", f"{r}/checkpoint"): self.checkpoint,
+            ("GET", f"{r}/checkpoint"): self.checkpoints,
+            ("POST", f"{r}/validate"): self.validate,
+            ("POST", f"{r}/promote"): self.promote,
+            ("GET", f"{r}/conflicts"): self.conflicts,
+            ("GET", f"{r}/conflicts/{{id}}"): self.conflict,
+            ("POST", f"{r}/conflicts/{{id}}/resolve"): self.resolve,
+            ("GET", f"{s}/status"): self.state_status,
+            ("GET", f"{s}/stats"): self.state_stats,
+            ("POST", f"{s}/save"): self.state_save,
+            ("POST", f"{s}/validate"): self.state_validate,
+            ("POST", f"{s}/compact"): self.state_compact,
+            ("GET", f"{s}/backups"): self.backups,
+            ("POST", f"{s}/backups"): self.backup_create,
+            ("GET", f"{s}/backups/{{name}}"): self.backup,
+            ("POST", f"{s}/backups/{{name}}/restore"): self.backup_restore,
+            ("GET", "/metrics"): self.metrics,
+        }
+
+    async def _db(self, function: Callable[[Store], _T]) -> _T:
+        """``function(store)`` on the applier's connection, in a worker thread."""
+        store = self.node.applier_store()
+        return await trio.to_thread.run_sync(function, store, limiter=self.node.apply_limiter)
+
+    # -- replication -----------------------------------------------------------------------
+
+    async def status(self, request: Request) -> Response:
+        return Response(200, await self.node.fresh_status())
+
+    async def peers(self, request: Request) -> Response:
+        report = await self.node.fresh_status()
+        return Response(200, {"node_id": report["node_id"], "peers": report["peers"]})
+
+    async def lag(self, request: Request) -> Response:
+        report = await self.node.fresh_status()
+        peers = [
+            {key: peer[key] for key in ("id", "state", "lag_changes", "lag_seconds",
+                                        "acked_position", "seconds_since_contact")}
+            for peer in report["peers"]
+        ]  # fmt: skip
+        worst = max((peer["lag_seconds"] for peer in peers), default=0.0)
+        return Response(200, {
+            "node_id": report["node_id"],
+            "log_position": report["log_position"],
+            "max_lag_seconds": self.node.config.replication.sync.max_lag,
+            "worst_lag_seconds": worst,
+            "lagging": [alarm for alarm in report["alarms"] if "max_lag" in alarm],
+            "peers": peers,
+        })  # fmt: skip
+
+    async def queue(self, request: Request) -> Response:
+        report = await self.node.fresh_status()
+        peers = [
+            {
+                "id": peer["id"],
+                "state": peer["state"],
+                "pending_changes": peer["lag_changes"],
+                "sent_position": peer["sent_position"],
+                "acked_position": peer["acked_position"],
+                "in_flight_batches": peer["in_flight_batches"],
+            }
+            for peer in report["peers"]
+        ]
+        return Response(200, {
+            "log_position": report["log_position"],
+            "peers": peers,
+            "conflicts_open": report["conflicts"]["open"],
+            "quarantined": report["quarantined"],
+            "paused": report["paused"],
+        })  # fmt: skip
+
+    async def resync(self, request: Request) -> Response:
+        """This node pulls from a peer: its whole state (``full``) or its log again."""
+        body = _object(request)
+        full = body.get("full", False)
+        peer = body.get("peer")
+        if not isinstance(full, bool) or not (peer is None or isinstance(peer, str)):
+            raise ControlError(400, "invalid resync request",
+                               '"full" must be true or false, "peer" a node id')  # fmt: skip
+        link = self._link(peer)
+        await link.pull(full=full, reason="requested by the operator")
+        _log.info("resync requested", full=full, **{KEY_PEER: link.peer})
+        return Response(202, {"peer": link.peer, "full": full, "requested": True})
+
+    def _link(self, peer: str | None) -> Any:
+        node = self.node
+        if peer is None:
+            connected = sorted(node.links)
+            if not connected:
+                raise ControlError(409, "no peer is connected", "nothing to resync from")
+            peer = connected[0]
+        elif peer not in node.peers:
+            raise ControlError(404, f"no configured peer {peer!r}",
+                               f"configured: {', '.join(sorted(node.peers))}")  # fmt: skip
+        link = node.links.get(peer)
+        if link is None:
+            raise ControlError(409, f"peer {peer!r} is not connected",
+                               "it needs a live link; see /api/replication/peers")  # fmt: skip
+        return link
+
+    async def pause(self, request: Request) -> Response:
+        self.node.pause_switch.pause()
+        _log.info("replication paused")
+        return Response(200, {"paused": True})
+
+    async def resume(self, request: Request) -> Response:
+        self.node.pause_switch.resume()
+        _log.info("replication resumed")
+        for link in list(self.node.links.values()):
+            with contextlib.suppress(PeerDisconnected):
+                await link.resumed()
+        return Response(200, {"paused": False})
+
+    async def checkpoint(self, request: Request) -> Response:
+        return Response(200, await self.node.take_checkpoint("requested by the operator"))
+
+    async def checkpoints(self, request: Request) -> Response:
+        report = await self.node.fresh_status()
+        return Response(200, {"checkpoints": report["checkpoints"]})
+
+    async def validate(self, request: Request) -> Response:
+        """Compare table checksums with every connected peer at the same version vector."""
+        node = self.node
+        await node.check_divergence_now()
+        resync = node.resync
+        deadline = trio.current_time() + _WAIT_FOR_PEERS
+        while trio.current_time() < deadline:
+            if all(resync.comparable(peer) for peer in node.links):
+                break
+            await trio.sleep(0.1)
+        mine = resync.checksums
+        assert mine is not None
+        peers: dict[str, dict[str, Any]] = {}
+        for peer in sorted(node.peers):
+            seen = resync.peer_sums.get(peer)
+            if peer not in node.links:
+                peers[peer] = {"compared": False, "reason": "not connected"}
+            elif seen is None or not resync.comparable(peer):
+                reason = "not at the same version vector (writes in flight)"
+                peers[peer] = {"compared": False, "reason": reason}
+            else:
+                differing = sorted(t for t, digest in mine.table_checksums().items()
+                                   if seen[1].get(t) not in (None, digest))  # fmt: skip
+                peers[peer] = {"compared": True, "divergent_tables": differing}
+        divergent = sorted({t for p in peers.values() for t in p.get("divergent_tables", [])})
+        return Response(200, {
+            "consistent": not divergent and all(p["compared"] for p in peers.values()),
+            "divergent_tables": divergent,
+            "version_vector": {str(o): s for o, s in mine.vector.items()},
+            "tables": {name: {"rows": check.rows, "checksum": check.checksum.to_bytes(16, "big")
+                              .hex()} for name, check in mine.tables.items()},
+            "peers": peers,
+        })  # fmt: skip
+
+    async def promote(self, request: Request) -> Response:
+        return Response(200, await self.node.promote())
+
+    async def conflicts(self, request: Request) -> Response:
+        status = request.query.get("status", "open")
+        if status not in ("open", "resolved", "timed_out", "all"):
+            raise ControlError(400, "invalid status", "open, resolved, timed_out or all")
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            raise ControlError(400, "invalid limit", "a number of conflicts") from None
+        wanted = None if status == "all" else status
+        found = await self._db(lambda store: conflicts.list_conflicts(store.conn, wanted, limit))
+        return Response(200, {"conflicts": [c.as_dict() for c in found], "status": status})
+
+    async def conflict(self, request: Request) -> Response:
+        ident = request.params["id"]
+        found = await self._db(lambda store: conflicts.get(store.conn, ident))
+        if found is None:
+            raise ControlError(404, f"no conflict {ident!r}", "see /api/replication/conflicts")
+        return Response(200, found.as_dict())
+
+    async def resolve(self, request: Request) -> Response:
+        ident = request.params["id"]
+        body = _object(request)
+        use, row = body.get("use"), body.get("row")
+        if use not in (None, "local", "remote") or (row is not None and not isinstance(row, dict)):
+            expected = '{"use": "local"} or {"use": "remote"} or {"row": {...}}'
+            raise ControlError(400, "invalid resolution", expected)
+        if (use is None) == (row is None):
+            raise ControlError(400, "invalid resolution", 'give exactly one of "use" and "row"')
+
+        def resolve(store: Store) -> conflicts.Conflict:
+            found = conflicts.get(store.conn, ident)
+            if found is None:
+                raise ControlError(404, f"no conflict {ident!r}", "see /api/replication/conflicts")
+            if found.status != "open":
+                raise ControlError(409, f"conflict {ident} is already {found.status}")
+            info = store.tables.get(found.table)
+            if info is None:
+                raise ControlError(409, f"table {found.table} is no longer replicated")
+            return conflicts.resolve(store.conn, ident, info.primary_key, use=use, row=row)
+
+        try:
+            resolved = await self._db(resolve)
+        except sqlite3.Error as error:
+            raise ControlError(409, "the resolution could not be written", str(error)) from None
+        _log.info("conflict resolved", conflict=ident, use=use or "given row")
+        self.node.announce_log_change()
+        return Response(200, resolved.as_dict())
+
+    # -- state -----------------------------------------------------------------------------
+
+    async def state_status(self, request: Request) -> Response:
+        node = self.node
+        state = node.config.state
+        path = node.store_settings.path
+
+        def read(store: Store) -> dict[str, Any]:
+            conn = store.conn
+            (journal,) = conn.execute("PRAGMA journal_mode").fetchone()
+            (version,) = conn.execute("SELECT MAX(version) FROM _repl_migrations").fetchone()
+            return {"journal_mode": journal, "replicator_schema_version": version}
+
+        facts = await self._db(read)
+        return Response(200, {
+            "path": path,
+            "size_bytes": _size(path),
+            "wal_bytes": _size(f"{path}-wal"),
+            **facts,
+            "synchronous": state.database.synchronous,
+            "last_validation": node.last_validation,
+            "backups": {"enabled": state.backup.enabled, "built": False},
+        })  # fmt: skip
+
+    async def state_stats(self, request: Request) -> Response:
+        node = self.node
+        path = node.store_settings.path
+
+        def read(store: Store) -> dict[str, Any]:
+            conn = store.conn
+            tables = {}
+            for name in sorted(store.tables):
+                (rows,) = conn.execute(f"SELECT count(*) FROM {quote_identifier(name)}").fetchone()
+                (dead,) = conn.execute(
+                    "SELECT count(*) FROM _repl_rowmeta WHERE tbl = ? AND deleted", (name,)
+                ).fetchone()
+                tables[name] = {"rows": rows, "tombstones": dead}
+            (log_entries,) = conn.execute("SELECT count(*) FROM _repl_log").fetchone()
+            (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+            (pages,) = conn.execute("PRAGMA page_count").fetchone()
+            (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+            (open_conflicts,) = conn.execute(
+                "SELECT count(*) FROM _repl_conflicts WHERE status = 'open'"
+            ).fetchone()
+            (quarantined,) = conn.execute("SELECT count(*) FROM _repl_quarantine").fetchone()
+            return {
+                "tables": tables,
+                "log_entries": log_entries,
+                "page_size": page_size,
+                "pages": pages,
+                "free_pages": free,
+                "conflicts_open": open_conflicts,
+                "quarantined": quarantined,
+            }
+
+        stats = await self._db(read)
+        return Response(200, {
+            "path": path,
+            "size_bytes": _size(path),
+            "wal_bytes": _size(f"{path}-wal"),
+            **stats,
+            "backups": {"count": 0, "last": None, "built": False},
+        })  # fmt: skip
+
+    async def state_save(self, request: Request) -> Response:
+        """Everything committed is in the database file itself (a WAL checkpoint)."""
+
+        def save(store: Store) -> tuple[int, int, int]:
+            busy, frames, copied = store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return int(busy), int(frames), int(copied)
+
+        busy, frames, copied = await self._db(save)
+        return Response(200, {"saved": not busy, "wal_frames": frames, "frames_copied": copied,
+                              "busy": bool(busy)})  # fmt: skip
+
+    async def state_validate(self, request: Request) -> Response:
+        result = await self._db(validate_state)
+        self.node.last_validation = result
+        return Response(200, result)
+
+    async def state_compact(self, request: Request) -> Response:
+        """Truncate the log to what every node holds, then VACUUM."""
+        path = self.node.store_settings.path
+        before = _size(path)
+        removed = await self.node.forget()
+        await self._db(lambda store: store.conn.execute("VACUUM"))
+        return Response(200, {"bytes_before": before, "bytes_after": _size(path),
+                              "log_entries_removed": removed})  # fmt: skip
+
+    async def backups(self, request: Request) -> Response:
+        enabled = self.node.config.state.backup.enabled
+        return Response(200, {"enabled": enabled, "built": False, "backups": []})
+
+    async def backup_create(self, request: Request) -> Response:
+        raise ControlError(501, "backups are not built in this version",
+                           "state.backup is refused at start until they are")  # fmt: skip
+
+    async def backup(self, request: Request) -> Response:
+        raise ControlError(404, f"no backup {request.params['name']!r}", "there are no backups")
+
+    async def backup_restore(self, request: Request) -> Response:
+        raise ControlError(404, f"no backup {request.params['name']!r}", "there are no backups")
+
+    async def metrics(self, request: Request) -> Response:
+        await self.node.fresh_status()
+        return Response(200, self.node.metrics.render())
+
+
+def validate_state(store: Store) -> dict[str, Any]:
+    """``PRAGMA integrity_check`` and replicator's own invariants, as a list of problems."""
+    conn = store.conn
+    started = time.time()
+    integrity = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+    problems = [] if integrity == ["ok"] else [f"integrity_check: {line}" for line in integrity]
+    triggers = {
+        name for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'trigger'")
+    }
+    for table in sorted(store.tables):
+        if not any(name.startswith(f"{TRIGGER_PREFIX}") and table in name for name in triggers):
+            problems.append(f"table {table}: capture triggers missing")
+    clock = store.clock()
+    (logged_own,) = conn.execute(
+        "SELECT MAX(origin_seq) FROM _repl_log WHERE origin_node = ? AND origin_inc = ?",
+        (clock.origin.node_id, clock.origin.incarnation),
+    ).fetchone()
+    if logged_own is not None and logged_own > clock.local_seq:
+        problems.append(
+            f"log holds {clock.origin}:{logged_own} beyond the clock's {clock.local_seq}"
+        )
+    for node, inc, held, logged in conn.execute(
+        "SELECT p.origin_node, p.origin_inc, p.seq, MAX(l.origin_seq) FROM _repl_progress p"
+        " JOIN _repl_log l ON l.origin_node = p.origin_node AND l.origin_inc = p.origin_inc"
+        " GROUP BY 1, 2, 3"
+    ):
+        if logged > held:
+            problems.append(f"log holds {node}#{inc}:{logged} beyond the vector's {held}")
+    return {
+        "ok": not problems,
+        "integrity_check": "ok" if integrity == ["ok"] else "failed",
+        "problems": problems,
+        "checked_at": started,
+        "seconds": round(time.time() - started, 3),
+    }
+
+
+def _object(request: Request) -> dict[str, Any]:
+    body = request.json()
+    if not isinstance(body, dict):
+        raise ControlError(400, "request body must be a JSON object")
+    return body
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
