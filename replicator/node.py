@@ -19,6 +19,7 @@ import functools
 import os
 import random
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -158,6 +159,7 @@ class Node:
         self._commit_is_quick = config.state.database.synchronous in ("OFF", "NORMAL")
         self._divergence_filter: RowFilter | None = None
         self._hashed_through = 0
+        self._divergence_lock = threading.Lock()
         self._counts: dict[str, Any] = {"open": 0, "by_table": {}, "quarantined": 0}
         self.last_validation: dict[str, Any] | None = None
         self.metrics = NodeMetrics(self.status_report)
@@ -176,6 +178,7 @@ class Node:
             )
         store = await trio.to_thread.run_sync(self._prepare)
         await trio.to_thread.run_sync(self.resync.refresh_floor)
+        self._divergence_filter = self.filter_copy()
         self._checkpoints = await trio.to_thread.run_sync(
             list_checkpoints, store.conn, _CHECKPOINTS_SHOWN
         )
@@ -359,7 +362,6 @@ class Node:
             functools.partial(Store.open, self.store_settings, prepare=False)
         )
         interval = self.config.replication.recovery.checksum_interval
-        self._divergence_filter = self.filter_copy()
         try:
             while True:
                 self._hashed_through = await trio.to_thread.run_sync(
@@ -375,6 +377,10 @@ class Node:
     def _check_divergence(self, store: Store, hashed_through: int) -> int:
         """Blocking: record content hashes, compute checksums, mark rows edited behind
         replication's back. Returns the log position content hashes are recorded through."""
+        with self._divergence_lock:  # the periodic pass and validate share the row view
+            return self._check_divergence_locked(store, hashed_through)
+
+    def _check_divergence_locked(self, store: Store, hashed_through: int) -> int:
         conn = store.conn
         while True:
             position, _ = divergence.fill_hashes(conn, hashed_through)
