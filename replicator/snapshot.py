@@ -65,6 +65,9 @@ __all__ = [
 
 _log = get_logger("snapshot")
 CHUNK_ROWS = 1000
+WITHHELD = -1
+"""`SnapshotRow.seq` of a row the sender holds but cannot vouch for (edited behind
+replication's back there): no values, and not to be taken as deleted."""
 CHUNK_BYTES = 1 << 20
 
 
@@ -142,6 +145,7 @@ class SnapshotSource:
         self.ranges: dict[str, set[int]] = {}
         self.path = f"{settings.path}.snapshot-{ident}"
         self._conn: sqlite3.Connection | None = None
+        self._live = False
         self._checksums: dict[str, int] = {}
         self._rows = 0
         self.vector: dict[Origin, int] = {}
@@ -149,16 +153,23 @@ class SnapshotSource:
         self.origin: Origin | None = None
 
     def open(self) -> SnapshotBegin:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        live = connect(self.settings)
-        try:
-            live.execute("VACUUM INTO ?", (self.path,))
-        finally:
-            live.close()
-        conn = self._conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False
-        )
+        if self.repair:
+            # A repair reads few rows: one read transaction on the live file is a consistent
+            # view without copying the whole file.
+            conn = self._conn = connect(self.settings)
+            conn.execute("BEGIN")
+            self._live = True
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            live = connect(self.settings)
+            try:
+                live.execute("VACUUM INTO ?", (self.path,))
+            finally:
+                live.close()
+            conn = self._conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False
+            )
         progress = {
             Origin(node, inc): seq
             for node, inc, seq in conn.execute(
@@ -208,17 +219,35 @@ class SnapshotSource:
             if batch:
                 yield SnapshotChunk(self.ident, name, index, tuple(batch))
 
+    def _withheld(self, name: str) -> Iterator[tuple[str, SnapshotRow]]:
+        """Rows found edited (or deleted) behind replication's back here: known to be wrong,
+        so never offered as the truth, but named first, so that the receiver does not take
+        their absence for a delete."""
+        assert self._conn is not None
+        for key, stamp, node, inc, generation in self._conn.execute(
+            "SELECT pk, hlc, node, inc, generation FROM _repl_rowmeta"
+            " WHERE tbl = ? AND NOT deleted AND hash = ? ORDER BY pk",
+            (name, TAMPERED),
+        ).fetchall():
+            version = RowVersion(stamp, Origin(node, inc), generation)
+            yield key, SnapshotRow(parse_key(key), None, version, WITHHELD)
+
     def _rows_of(self, name: str) -> Iterator[SnapshotRow]:
         assert self._conn is not None
         assert self.origin is not None
         wanted = self.ranges.get(name)
         checksum = self._checksums.get(name, 0)
+        for key, row in self._withheld(name):
+            if wanted is None or key_bucket(name, key) in wanted:
+                checksum = fold(checksum, row_hash(name, key, row))
+                self._rows += 1
+                yield row
         for stored_key, stored, recorded in versioned_rows(
             self._conn, self.tables[name], self.origin
         ):
-            if recorded == TAMPERED:  # known to be wrong here: never offered as the truth
-                continue
             key, row = stored_key, stored
+            if recorded == TAMPERED:
+                continue  # named up front by _withheld
             if self.view is not None:
                 shared, key = self.view.shared_row(name, stored, key, self._conn)
                 if shared is None:
@@ -251,10 +280,13 @@ class SnapshotSource:
 
     def close(self) -> None:
         if self._conn is not None:
+            if self._live:
+                self._conn.execute("COMMIT")
             self._conn.close()
             self._conn = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if not self._live:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 def _bitmap(buckets: set[int]) -> bytes:
@@ -318,6 +350,8 @@ class SnapshotMerge:
         self._current: str | None = None
         self._next_index: dict[str, int] = {}
         self._staging = False
+        # Per table, keys the sender holds but withheld: never swept away here.
+        self._protected: dict[str, set[str]] = {}
 
     # -- chunks ----------------------------------------------------------------------------
 
@@ -371,6 +405,9 @@ class SnapshotMerge:
         store = self.applier.store
         info = store.tables[table]
         keyed = [(store.key(row.pk), row) for row in rows]
+        withheld = {key for key, row in keyed if row.seq == WITHHELD}
+        self._protected.setdefault(table, set()).update(withheld)
+        keyed = [(key, row) for key, row in keyed if key not in withheld]
         live = [(key, row) for key, row in keyed if row.values is not None]
         with self._transaction() as conn:
             self._merge(conn, info, keyed)
@@ -485,9 +522,10 @@ class SnapshotMerge:
         width = len(info.primary_key)
         delete = delete_sql(info)
         wanted = self.ranges.get(info.name)
+        protected = self._protected.get(info.name, set())
         for record in rows:
             key, node, inc, seq = record[width:]
-            if key in seen or seq is None:
+            if key in seen or key in protected or seq is None:
                 continue
             if wanted is not None and key_bucket(info.name, key) not in wanted:
                 continue  # a repair carries only some buckets: the others were not sent

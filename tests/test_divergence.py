@@ -115,3 +115,23 @@ def test_equal_versions_with_different_contents_settle_on_one_copy(tmp_path: Pat
     repair(b, a)
     assert a.rows("leases") == b.rows("leases")
     assert checksums(a).table_checksums() == checksums(b).table_checksums()
+
+
+def test_a_node_with_edited_rows_never_makes_its_peer_lose_them(tmp_path: Path) -> None:
+    """Both sides see their checksums differ and ask each other for a repair at once: the
+    side with the edited rows withholds them, and its peer must keep its good copies."""
+    a, b = nodes(tmp_path, "a", "b")
+    fill(a, 500)
+    sync_until_quiescent([a, b])
+    for node in (a, b):
+        record_hashes(node)
+    behind_replications_back(b, "UPDATE leases SET ip = '10.6.6.6' WHERE mac = 'm00007'")
+    behind_replications_back(b, "DELETE FROM leases WHERE mac = 'm00300'")
+    check = checksums(b).tables["leases"]
+    with b.store.conn:
+        divergence.mark_tampered(b.store.conn, "leases", check.tampered + check.missing)
+    good = a.rows("leases")
+    repair(b, a)  # a asks b, which answers with its edited rows withheld
+    assert a.rows("leases") == good
+    repair(a, b)
+    assert b.rows("leases") == good
