@@ -30,13 +30,13 @@ from croniter import croniter
 
 from protocol import Change, Hello, Keyring, Origin, SessionSettings, Skip, stretch_passphrase
 from replicator import conflicts, dbcall, divergence, hlc, retention
-from replicator.api import ControlApi
+from replicator.api import ControlApi, validate_state
 from replicator.applier import Applier, ApplyResult
 from replicator.checkpoints import list_checkpoints, take_checkpoint
 from replicator.config import Config
 from replicator.control import serve_control
 from replicator.detector import Detector
-from replicator.errors import ConfigError
+from replicator.errors import ConfigError, SchemaError
 from replicator.filters import RowFilter
 from replicator.link import Link, LinkSettings, PauseSwitch, PeerStatus
 from replicator.log import KEY_PEER, get_logger
@@ -101,6 +101,17 @@ def unbuilt_settings(config: Config) -> list[str]:
         "state.backup.enabled": s.backup.enabled,
         "state.compression": s.compression,
         'state.sync.mode = "full"': s.sync_mode == "full",
+        "state.sync.batch_size (replication.sync.batch_size sizes batches)": (
+            s.sync_batch_size != 1000
+        ),
+        "state.sync.sync_timeout": s.sync_timeout != 10.0,
+        "replication.backup_retention": r.backup_retention is not None,
+        "replication.conflict_resolution.manual_resolution.approvers": bool(
+            r.conflict_resolution.approvers
+        ),
+        "replication.primary_addr / peer_addr (name peers: peers = [{ id, address }])": any(
+            "@" in peer.id for peer in r.peers
+        ),
     }
     found += [name for name, present in checks.items() if present]
     return found
@@ -227,6 +238,18 @@ class Node:
     def _prepare(self) -> Store:
         os.makedirs(os.path.dirname(self.store_settings.path) or ".", exist_ok=True)
         store = Store.open(self.store_settings)
+        self._check_persistence(store)
+        if self.config.state.recovery.validate_on_start:
+            self.last_validation = validate_state(store)
+            if not self.last_validation["ok"]:
+                problems = "; ".join(self.last_validation["problems"][:5])
+                raise SchemaError(
+                    f"{self.store_settings.path} failed validation at start: {problems}",
+                    op="validate_on_start",
+                    hint="restore the file from a backup or resync it from a peer; automatic "
+                    "recovery from backups (state.recovery.auto_recover) is not built yet",
+                )
+            _log.info("state database validated", seconds=self.last_validation["seconds"])
         mode = self.config.replication.mode
         clock = store.clock()
         self.promoted = clock.promoted
@@ -348,10 +371,15 @@ class Node:
         store = await trio.to_thread.run_sync(
             functools.partial(Store.open, self.store_settings, prepare=False)
         )
+        state = self.config.state
+        saved_at = time.monotonic()
         try:
             while True:
                 await trio.sleep(_CHECKPOINT_INTERVAL)
-                await trio.to_thread.run_sync(store.conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+                mode = "PASSIVE"
+                if state.auto_save and time.monotonic() - saved_at >= state.save_interval:
+                    mode, saved_at = "TRUNCATE", time.monotonic()  # auto_save: all in the file
+                await trio.to_thread.run_sync(store.conn.execute, f"PRAGMA wal_checkpoint({mode})")
         finally:
             store.close()
 
@@ -770,7 +798,12 @@ class Node:
         if not isinstance(reply, Hello):
             raise HelloRefused(f"expected Hello, got {type(reply).__name__}", op="hello")
         check_hello(reply, local_id=self.node_id, expected=self.peers, settings=self._settings)
-        self._peer_roles[reply.node_id] = _role_of(reply)
+        role = _role_of(reply)
+        configured = self.peers[reply.node_id].role
+        if configured in ("primary", "replica") and configured != role:
+            _log.warning("peer runs in another role than configured", configured=configured,
+                         announced=role, **{KEY_PEER: reply.node_id})  # fmt: skip
+        self._peer_roles[reply.node_id] = role
         self._check_split_brain()
         return reply
 
@@ -804,6 +837,25 @@ class Node:
         result = self._applier.apply(changes, skips)
         self._vector_cache = result.held
         return result, result.held
+
+    def _check_persistence(self, store: Store) -> None:
+        """``state.persistence``: what the appliance keeps must be in the state database."""
+        replication = self.config.replication
+        present = {
+            name for (name,) in store.conn.execute(
+                "SELECT name FROM sqlite_schema WHERE type = 'table'"
+            )
+        }  # fmt: skip
+        for category, wanted in sorted(self.config.state.persistence.items()):
+            tables = replication.categories.get(category, (category,))
+            missing = [t for t in tables if t not in present]
+            if wanted and missing:
+                raise ConfigError(
+                    f"{self.config.file}: state.persistence.{category}: no table "
+                    f"{', '.join(missing)} in {self.store_settings.path}",
+                    op="start",
+                    hint="create it (state.schema) or set it to false",
+                )
 
     def _outgoing_filter(self) -> Callable[[Change], Change | None] | None:
         """Each link's own view of outgoing changes (None: every change travels as is)."""

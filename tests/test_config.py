@@ -10,6 +10,7 @@ import pytest
 
 from replicator.config import load_config, parse_duration, parse_size
 from replicator.errors import ConfigError
+from replicator.node import unbuilt_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_BLOCKS = sorted((ROOT / "tests" / "data" / "seed_config").glob("*.hcl"))
@@ -180,3 +181,32 @@ def test_liveness_timeout_must_exceed_the_heartbeat_interval(tmp_path: Path) -> 
     )
     with pytest.raises(ConfigError, match=r"replication\.sync\.liveness_timeout"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("block", "named"),
+    [
+        ('replication {\n  primary_addr = "192.168.100.1:9001"\n}', "primary_addr"),
+        ('replication {\n  backup_retention = "7d"\n}', "replication.backup_retention"),
+        ("state {\n  sync { batch_size = 50 }\n}", "state.sync.batch_size"),
+        ('state {\n  sync { sync_timeout = "1m" }\n}', "state.sync.sync_timeout"),
+        (
+            "replication {\n  conflict_resolution = { manual_resolution = "
+            '{ approvers = ["ops"] } }\n}',
+            "manual_resolution.approvers",
+        ),
+        ("replication {\n  transformations = { compress_data = false }\n}", "compress_data"),
+        ('state {\n  backup { enabled = true\n directory = "b" }\n}', "state.backup.enabled"),
+    ],
+)
+def test_settings_of_features_not_built_are_named_before_start(
+    tmp_path: Path, block: str, named: str
+) -> None:
+    """Accepted by the loader (the seed blocks must load), but a node refuses to start."""
+    config = load_config(write(tmp_path, block))
+    assert any(named in setting for setting in unbuilt_settings(config))
+
+
+def test_the_example_configs_need_nothing_unbuilt() -> None:
+    for path in sorted((ROOT / "conf").rglob("*.hcl")):
+        assert unbuilt_settings(load_config(path)) == [], path
