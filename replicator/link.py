@@ -427,6 +427,8 @@ class Link:
         while self._in_flight and self._in_flight[0][0] <= ack.through_sequence:
             _, position, _ = self._in_flight.popleft()
             self.status.acked_position = max(self.status.acked_position, position)
+        if not self._in_flight:  # what was read past the last batch was none of the peer's
+            self.status.acked_position = max(self.status.acked_position, self.status.sent_position)
         if len(self._in_flight) < self.settings.window:
             self._window_open.set()
 

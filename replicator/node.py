@@ -170,6 +170,7 @@ class Node:
         self._commit_is_quick = config.state.database.synchronous in ("OFF", "NORMAL")
         self._divergence_filter: RowFilter | None = None
         self._hashed_through = 0
+        self._stopping = False
         self._divergence_lock = threading.Lock()
         self._counts: dict[str, Any] = {"open": 0, "by_table": {}, "quarantined": 0}
         self.last_validation: dict[str, Any] | None = None
@@ -668,6 +669,7 @@ class Node:
 
     async def shutdown(self) -> None:
         """Say goodbye to every peer (briefly: a dead peer must not hold up the stop)."""
+        self._stopping = True
         with trio.move_on_after(2):
             async with trio.open_nursery() as nursery:
                 for link in list(self.links.values()):
@@ -769,8 +771,11 @@ class Node:
             await link.run()
             log.info("peer link closed")
         except PeerDisconnected as error:
-            self.status[peer_id].last_error = error.message
-            log.warning("peer disconnected", reason=error.message)
+            if self._stopping:
+                log.info("peer link closed", reason="node shutting down")
+            else:
+                self.status[peer_id].last_error = error.message
+                log.warning("peer disconnected", reason=error.message)
         finally:
             if self.links.get(peer_id) is link:  # not replaced by a preferred connection
                 self.resync.abandon(peer_id)
