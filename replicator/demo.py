@@ -10,7 +10,6 @@ a crash of the demo itself on Linux) no process is left behind.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import hashlib
@@ -38,7 +37,7 @@ from replicator.client import ControlClient
 from replicator.errors import ReplicationError
 from replicator.hlc import physical_ms
 
-__all__ = ["main", "run_demo"]
+__all__ = ["run_demo"]
 
 NODES = 3
 TABLES = {"dhcp_leases": "mac", "dns_records": "name, type, zone"}  # table: ORDER BY (its key)
@@ -921,19 +920,3 @@ def run_demo(*, short: bool = False, directory: str | None = None, keep: bool = 
     if status == 130:
         print("Stopped; nothing left running.", file=out, flush=True)
     return status
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``replicator demo [--short] [--dir DIR] [--keep]``, until the CLI command exists."""
-    parser = argparse.ArgumentParser(
-        prog="replicator demo",
-        description="Three replicating nodes on this machine: a live view, a conflict, a crash "
-        "and a recovery, then a convergence check.",
-    )
-    parser.add_argument("--short", action="store_true", help="a quick run (for CI)")
-    parser.add_argument(
-        "--dir", metavar="DIR", help="put the nodes' files in DIR (kept) instead of a temp dir"
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    args = parser.parse_args(argv)
-    return run_demo(short=args.short, directory=args.dir, keep=args.keep)
