@@ -10,19 +10,19 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from replicator import conflicts
+from replicator.backup import BackupCorrupt, BackupError, BackupInfo, BackupStore
 from replicator.control import ControlError, Request, Response, Routes
 from replicator.log import KEY_PEER, get_logger
 from replicator.peer import PeerDisconnected
+from replicator.recovery import validate_state
 from replicator.rows import quote_identifier
 from replicator.store import Store
-from replicator.tables import TRIGGER_PREFIX
 
 if TYPE_CHECKING:
     from replicator.node import Node
@@ -274,7 +274,7 @@ class ControlApi:
             **facts,
             "synchronous": state.database.synchronous,
             "last_validation": node.last_validation,
-            "backups": {"enabled": state.backup.enabled, "built": False},
+            **node.persistence.status(),
         })  # fmt: skip
 
     async def state_stats(self, request: Request) -> Response:
@@ -314,7 +314,7 @@ class ControlApi:
             "size_bytes": _size(path),
             "wal_bytes": _size(f"{path}-wal"),
             **stats,
-            "backups": {"count": 0, "last": None, "built": False},
+            "backups": await self._backup_summary(),
         })  # fmt: skip
 
     async def state_save(self, request: Request) -> Response:
@@ -342,60 +342,80 @@ class ControlApi:
         return Response(200, {"bytes_before": before, "bytes_after": _size(path),
                               "log_entries_removed": removed})  # fmt: skip
 
+    async def _backup_summary(self) -> dict[str, Any]:
+        backups = self.node.persistence.backups
+        if backups is None:
+            return {"enabled": False, "count": 0, "last": None}
+        found = await trio.to_thread.run_sync(backups.list)
+        return {
+            "enabled": True,
+            "count": len(found),
+            "last": _backup_json(found[0]) if found else None,
+            "bytes": sum(info.size for info in found),
+        }
+
     async def backups(self, request: Request) -> Response:
-        enabled = self.node.config.state.backup.enabled
-        return Response(200, {"enabled": enabled, "built": False, "backups": []})
+        persistence = self.node.persistence
+        if persistence.backups is None:
+            return Response(200, {"enabled": False, "backups": []})
+        found = await trio.to_thread.run_sync(persistence.backups.list)
+        return Response(200, {
+            "enabled": True,
+            "directory": persistence.backups.directory.as_posix(),
+            "backups": [_backup_json(info) for info in found],
+        })  # fmt: skip
 
     async def backup_create(self, request: Request) -> Response:
-        raise ControlError(501, "backups are not built in this version",
-                           "state.backup is refused at start until they are")  # fmt: skip
+        body = _object(request)
+        description = body.get("description")
+        if description is not None and not isinstance(description, str):
+            raise ControlError(400, "description must be a string", repr(description))
+        try:
+            info = await self.node.persistence.create(description)
+        except BackupError as error:
+            raise ControlError(500, "backup failed", error.message) from None
+        return Response(201, _backup_json(info))
 
     async def backup(self, request: Request) -> Response:
-        raise ControlError(404, f"no backup {request.params['name']!r}", "there are no backups")
+        backups = self._backups()
+        name = request.params["name"]
+        try:
+            info = await trio.to_thread.run_sync(backups.verify, name)
+        except BackupCorrupt as error:
+            return Response(200, {**_backup_json(backups.get(name)), "verified": False,
+                                  "problem": error.message})  # fmt: skip
+        except BackupError:
+            raise ControlError(404, f"no backup {name!r}", "see /api/state/backups") from None
+        return Response(200, {**_backup_json(info), "verified": True})
 
     async def backup_restore(self, request: Request) -> Response:
-        raise ControlError(404, f"no backup {request.params['name']!r}", "there are no backups")
+        backups = self._backups()
+        name = request.params["name"]
+        try:
+            await trio.to_thread.run_sync(backups.get, name)
+        except BackupError:
+            raise ControlError(404, f"no backup {name!r}", "see /api/state/backups") from None
+        try:
+            result = await self.node.persistence.restore(name)
+        except BackupError as error:
+            raise ControlError(422, f"backup {name} refused: the state is untouched",
+                               error.message) from None  # fmt: skip
+        return Response(200, {"restored": True, **result})
+
+    def _backups(self) -> BackupStore:
+        backups = self.node.persistence.backups
+        if backups is None:
+            raise ControlError(404, "backups are not enabled",
+                               "set state.backup.enabled and its directory")  # fmt: skip
+        return backups
 
     async def metrics(self, request: Request) -> Response:
         await self.node.fresh_status()
         return Response(200, self.node.metrics.render())
 
 
-def validate_state(store: Store) -> dict[str, Any]:
-    """``PRAGMA integrity_check`` and replicator's own invariants, as a list of problems."""
-    conn = store.conn
-    started = time.time()
-    integrity = [row[0] for row in conn.execute("PRAGMA integrity_check")]
-    problems = [] if integrity == ["ok"] else [f"integrity_check: {line}" for line in integrity]
-    triggers = {
-        name for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'trigger'")
-    }
-    for table in sorted(store.tables):
-        if not any(name.startswith(f"{TRIGGER_PREFIX}") and table in name for name in triggers):
-            problems.append(f"table {table}: capture triggers missing")
-    clock = store.clock()
-    (logged_own,) = conn.execute(
-        "SELECT MAX(origin_seq) FROM _repl_log WHERE origin_node = ? AND origin_inc = ?",
-        (clock.origin.node_id, clock.origin.incarnation),
-    ).fetchone()
-    if logged_own is not None and logged_own > clock.local_seq:
-        problems.append(
-            f"log holds {clock.origin}:{logged_own} beyond the clock's {clock.local_seq}"
-        )
-    for node, inc, held, logged in conn.execute(
-        "SELECT p.origin_node, p.origin_inc, p.seq, MAX(l.origin_seq) FROM _repl_progress p"
-        " JOIN _repl_log l ON l.origin_node = p.origin_node AND l.origin_inc = p.origin_inc"
-        " GROUP BY 1, 2, 3"
-    ):
-        if logged > held:
-            problems.append(f"log holds {node}#{inc}:{logged} beyond the vector's {held}")
-    return {
-        "ok": not problems,
-        "integrity_check": "ok" if integrity == ["ok"] else "failed",
-        "problems": problems,
-        "checked_at": started,
-        "seconds": round(time.time() - started, 3),
-    }
+def _backup_json(info: BackupInfo) -> dict[str, Any]:
+    return {**info.as_dict(), "size_bytes": info.size}
 
 
 def _object(request: Request) -> dict[str, Any]:

@@ -1599,8 +1599,6 @@ def backup_list(target: Target) -> None:
     answer = target.get("/api/state/backups")
 
     def render(answer: Json) -> list[str]:
-        if not answer.get("built", True):
-            return ["Backups are not built in this version of replicator."]
         if not answer.get("enabled", True):
             return ["Backups are disabled (state.backup.enabled = false)."]
         found = answer.get("backups", [])
@@ -1636,7 +1634,13 @@ def backup_restore(target: Target, name: str, yes: bool) -> None:
         f"/api/state/backups/{urllib.parse.quote(name, safe='')}/restore",
         timeout=LONG_REQUEST_TIMEOUT,
     )
-    target.show(answer, lambda _: [f"Backup {name} restored."])
+    target.show(
+        answer,
+        lambda a: [
+            f"Backup {name} restored in {fmt.duration(a.get('seconds'))}: this node now writes "
+            f"as {a.get('origin')} and catches up from its peers."
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1664,6 +1668,14 @@ def state_status(target: Target) -> None:
                 f"{fmt.local_time(validation['checked_at'])}"
             )
         backups = answer.get("backups", {})
+        if backups.get("enabled"):
+            every = fmt.duration(backups.get("interval_seconds"))
+            backed = f"every {every} into {backups.get('directory')}"
+            if backups.get("last_error"):
+                backed += f" (LAST FAILED: {backups['last_error']})"
+        else:
+            backed = "disabled (state.backup)"
+        degraded = answer.get("degraded")
         lines = [f"State database {answer['path']}"]
         lines += fmt.block(
             [
@@ -1673,10 +1685,30 @@ def state_status(target: Target) -> None:
                 ("synchronous", answer["synchronous"]),
                 ("schema version", answer["replicator_schema_version"]),
                 ("last validation", validated),
-                ("backups", ("not built" if not backups.get("built", True)
-                             else "enabled" if backups.get("enabled") else "disabled")),
+                ("backups", backed),
+                ("writes", "ok" if not degraded else
+                           f"REFUSED since {fmt.local_time(degraded['since'])}: "
+                           f"{degraded['error']} (replication paused)"),
             ]
         )  # fmt: skip
+        if answer.get("restoring"):
+            lines += ["", f"Restoring backup {answer['restoring']} now: replication paused."]
+        restore = answer.get("last_restore")
+        if restore:
+            took = fmt.duration(restore["seconds"])
+            lines += ["", f"Last restore: backup {restore['backup']} at "
+                          f"{fmt.local_time(restore['restored_at'])} "
+                          f"(took {took}, origin {restore['origin']})"]  # fmt: skip
+        recovery = answer.get("recovery")
+        if recovery:
+            lines += ["", "Recovery at start", *_indent([
+                f"problem  {recovery['problem']}",
+                f"outcome  {recovery['outcome']}",
+            ])]  # fmt: skip
+            for step in recovery.get("steps", []):
+                details = ", ".join(f"{k}={v}" for k, v in step.items() if k not in ("at", "step"))
+                text = f"{fmt.local_time(step['at'])}  {step['step']}"
+                lines += _indent([f"{text} ({details})" if details else text])
         return lines
 
     target.show(answer, render)
@@ -1701,6 +1733,7 @@ def state_stats(target: Target) -> None:
                 ("log entries", fmt.count(answer["log_entries"])),
                 ("conflicts open", answer["conflicts_open"]),
                 ("quarantined", f"{answer['quarantined']} changes"),
+                ("backups", _backup_summary(answer.get("backups", {}))),
             ]
         )  # fmt: skip
         rows = [
@@ -1711,6 +1744,16 @@ def state_stats(target: Target) -> None:
         return lines
 
     target.show(answer, render)
+
+
+def _backup_summary(backups: Json) -> str:
+    if not backups.get("enabled"):
+        return "disabled"
+    last = backups.get("last")
+    if not last:
+        return "none yet"
+    return (f"{backups['count']} ({fmt.size(backups.get('bytes'))}), newest {last['name']} "
+            f"at {fmt.local_time(last['created_at'])}")  # fmt: skip
 
 
 @state.command("validate")

@@ -66,6 +66,7 @@ class PeerStatus:
     state: str = "disconnected"
     last_contact: float | None = None
     peer_vector: dict[Origin, int] = field(default_factory=dict)
+    incarnation: int | None = None  # the peer's, as its last Hello said
     sent_position: int = 0
     acked_position: int = 0
     skew_ms: int | None = None
@@ -156,10 +157,12 @@ class Link:
         self._owe_resend = False
         self._log = get_logger("link", **{KEY_PEER: hello.node_id})
         # Resume where the peer's acknowledgements left off, unless it now holds less than it
-        # acknowledged (restored from a backup, say): then scan the log from the start.
-        regressed = any(
+        # acknowledged, or runs as a new incarnation (restored from a backup, recreated): then
+        # scan the log from the start (what it holds is skipped).
+        regressed = status.incarnation not in (None, hello.incarnation) or any(
             hello.version_vector.get(origin, 0) < seq for origin, seq in status.peer_vector.items()
         )
+        status.incarnation = hello.incarnation
         self._start_position = 0 if regressed else status.acked_position
         if regressed:
             status.acked_position = 0

@@ -184,6 +184,18 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        6,
+        "write probe",
+        """
+        -- Written and emptied to learn whether the disk takes writes again after a failure
+        -- (disk full, I/O error) paused replication.
+        CREATE TABLE _repl_probe (
+            id    INTEGER PRIMARY KEY,
+            data  BLOB NOT NULL
+        );
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -30,14 +30,16 @@ from croniter import croniter
 
 from protocol import Change, Hello, Keyring, Origin, SessionSettings, Skip, stretch_passphrase
 from replicator import conflicts, dbcall, divergence, hlc, retention
-from replicator.api import ControlApi, validate_state
+from replicator.api import ControlApi
 from replicator.applier import Applier, ApplyResult
+from replicator.backup import BackupStore
 from replicator.checkpoints import list_checkpoints, take_checkpoint
 from replicator.config import Config
 from replicator.control import serve_control
 from replicator.detector import Detector
-from replicator.errors import ConfigError, SchemaError
+from replicator.errors import ConfigError
 from replicator.filters import RowFilter
+from replicator.history import record_config
 from replicator.link import Link, LinkSettings, PauseSwitch, PeerStatus
 from replicator.log import KEY_PEER, get_logger
 from replicator.membership import (
@@ -50,8 +52,11 @@ from replicator.membership import (
 from replicator.metrics import NodeMetrics
 from replicator.migrations import SCHEMA_VERSION
 from replicator.peer import PeerConnection, PeerDisconnected, PeerSettings
+from replicator.persistence import RESYNC_BACKUP, Persistence
+from replicator.recovery import open_state
 from replicator.resolvers import ManualResolver, Resolver, TimestampResolver, make_resolver
 from replicator.resync import Resync
+from replicator.snapshot import SnapshotError
 from replicator.store import LogRecord, Store, StoreSettings
 
 __all__ = ["Node", "NodeOptions", "unbuilt_settings"]
@@ -94,18 +99,15 @@ def unbuilt_settings(config: Config) -> list[str]:
         "replication.recovery.full_resync.compression = false": (
             not r.recovery.full_resync_compression
         ),
-        "replication.backup_before_resync": r.backup_before_resync,
         "replication.conflict_resolution.manual_resolution.require_approval": (
             r.conflict_resolution.require_approval
         ),
-        "state.backup.enabled": s.backup.enabled,
         "state.compression": s.compression,
         'state.sync.mode = "full"': s.sync_mode == "full",
         "state.sync.batch_size (replication.sync.batch_size sizes batches)": (
             s.sync_batch_size != 1000
         ),
         "state.sync.sync_timeout": s.sync_timeout != 10.0,
-        "replication.backup_retention": r.backup_retention is not None,
         "replication.conflict_resolution.manual_resolution.approvers": bool(
             r.conflict_resolution.approvers
         ),
@@ -166,6 +168,7 @@ class Node:
             self.links,
             self._last_vector,
             self.filter_copy,
+            before_full_merge=self._back_up_before_resync,
         )
         self._commit_is_quick = config.state.database.synchronous in ("OFF", "NORMAL")
         self._divergence_filter: RowFilter | None = None
@@ -177,6 +180,9 @@ class Node:
         self.metrics = NodeMetrics(self.status_report)
         self._checkpoints: list[dict[str, Any]] = []
         self._wal = config.state.database.journal_mode.upper() == "WAL"
+        self.persistence = Persistence(self, None)
+        self._pull_full_from_a_peer: str | None = None
+        self._link_ended = trio.Event()
 
     # -- the tree --------------------------------------------------------------------------
 
@@ -202,17 +208,21 @@ class Node:
         self._detector = detector
         self.started_at = time.time()
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.persistence.run)
             await nursery.start(
                 serve_control, replication.control_socket, ControlApi(self).routes()
             )
-            nursery.start_soon(self._expire_conflicts_periodically)
+            keep_running = self.persistence.keep_running
+            nursery.start_soon(keep_running, self._expire_conflicts_periodically)
             nursery.start_soon(self._watch_log, detector)
-            nursery.start_soon(self._truncate_log_periodically)
+            nursery.start_soon(keep_running, self._truncate_log_periodically)
             if self._wal:
-                nursery.start_soon(self._checkpoint_periodically)
+                nursery.start_soon(keep_running, self._checkpoint_periodically)
             if replication.recovery.divergence_check:
-                nursery.start_soon(self._check_divergence_periodically)
-            nursery.start_soon(self._checkpoint_positions_periodically)
+                nursery.start_soon(keep_running, self._check_divergence_periodically)
+            nursery.start_soon(keep_running, self._checkpoint_positions_periodically)
+            if self._pull_full_from_a_peer is not None:
+                nursery.start_soon(self._pull_full_snapshot, self._pull_full_from_a_peer)
             if replication.recovery.full_resync_schedule is not None:
                 nursery.start_soon(self._full_resync_on_schedule)
             nursery.start_soon(self._watch_lag)
@@ -238,19 +248,23 @@ class Node:
 
     def _prepare(self) -> Store:
         os.makedirs(os.path.dirname(self.store_settings.path) or ".", exist_ok=True)
-        store = Store.open(self.store_settings)
-        self._check_persistence(store)
-        if self.config.state.recovery.validate_on_start:
-            self.last_validation = validate_state(store)
-            if not self.last_validation["ok"]:
-                problems = "; ".join(self.last_validation["problems"][:5])
-                raise SchemaError(
-                    f"{self.store_settings.path} failed validation at start: {problems}",
-                    op="validate_on_start",
-                    hint="restore the file from a backup or resync it from a peer; automatic "
-                    "recovery from backups (state.recovery.auto_recover) is not built yet",
-                )
-            _log.info("state database validated", seconds=self.last_validation["seconds"])
+        state = self.config.state
+        backups = None
+        if state.backup.enabled:
+            backups = BackupStore(state.backup, self.node_id)
+        elif self.config.replication.backup_before_resync:
+            raise ConfigError(
+                f"{self.config.file}: replication.backup_before_resync: needs state.backup "
+                "(enabled = true and a directory)",
+                op="start",
+            )
+        self.persistence.backups = backups
+        store, self.last_validation, report = open_state(
+            self.store_settings, state.recovery, backups, self._check_persistence
+        )
+        self.persistence.recovery = report
+        if report is not None and report.needs_full_resync:
+            self._pull_full_from_a_peer = f"recovery at start: {report.problem}"
         mode = self.config.replication.mode
         clock = store.clock()
         self.promoted = clock.promoted
@@ -261,6 +275,8 @@ class Node:
             store.set_read_only(False)
         else:
             store.set_read_only(False)
+        if self.role != "replica":  # a replica's own rows would be refused by its triggers
+            record_config(store.conn, self.config, self.node_id)
         conflicts = self.config.replication.conflict_resolution
 
         def resolver(strategy: str) -> Resolver:
@@ -393,9 +409,7 @@ class Node:
         interval = self.config.replication.recovery.checksum_interval
         try:
             while True:
-                self._hashed_through = await trio.to_thread.run_sync(
-                    self._check_divergence, store, self._hashed_through
-                )
+                await trio.to_thread.run_sync(self._check_divergence, store)
                 with trio.move_on_after(interval):
                     await self.resync.recompute.wait()
                 self.resync.recompute = trio.Event()
@@ -403,11 +417,11 @@ class Node:
         finally:
             store.close()
 
-    def _check_divergence(self, store: Store, hashed_through: int) -> int:
+    def _check_divergence(self, store: Store) -> None:
         """Blocking: record content hashes, compute checksums, mark rows edited behind
-        replication's back. Returns the log position content hashes are recorded through."""
-        with self._divergence_lock:  # the periodic pass and validate share the row view
-            return self._check_divergence_locked(store, hashed_through)
+        replication's back."""
+        with self._divergence_lock:  # the periodic pass, validate and a restore take turns
+            self._hashed_through = self._check_divergence_locked(store, self._hashed_through)
 
     def _check_divergence_locked(self, store: Store, hashed_through: int) -> int:
         conn = store.conn
@@ -608,14 +622,88 @@ class Node:
             functools.partial(Store.open, self.store_settings, prepare=False)
         )
         try:
-            self._hashed_through = await trio.to_thread.run_sync(
-                self._check_divergence, store, self._hashed_through
-            )
+            await trio.to_thread.run_sync(self._check_divergence, store)
         finally:
             store.close()
 
     def announce_log_change(self) -> None:
         self._announce_log_change()
+
+    # -- for persistence (backups, restores, a disk refusing writes) -------------------------
+
+    @property
+    def divergence_lock(self) -> threading.Lock:
+        return self._divergence_lock
+
+    def forget_row_hashes(self) -> None:
+        """The file's contents were replaced: hash every row again (divergence lock held)."""
+        self._hashed_through = 0
+
+    def _state_unavailable(self) -> str | None:
+        """Why links are refused just now (None: they are not)."""
+        persistence = self.persistence
+        if persistence.restoring is not None:
+            return f"restoring backup {persistence.restoring}"
+        if persistence.degraded is not None:
+            return "this node's state database refuses writes"
+        return None
+
+    async def close_links(self, reason: str) -> None:
+        """Close every link and wait until each has stopped applying (a few seconds at most)."""
+        for link in list(self.links.values()):
+            with contextlib.suppress(PeerDisconnected, trio.BrokenResourceError,
+                                     trio.ClosedResourceError):  # fmt: skip
+                await link.close(reason)
+        with trio.move_on_after(5.0):
+            while self.links:
+                await self._link_ended.wait()
+        for link in list(self.links.values()):
+            await link.connection.abort()
+
+    async def after_restore(self, origin: Origin) -> None:
+        """The file now holds a backup under a new incarnation: forget what described the
+        old contents, so senders scan the restored log and peers are asked for the rest."""
+        assert self._detector is not None
+        self.origin = origin
+
+        def reread() -> tuple[int, list[dict[str, Any]]]:
+            store = self.applier_store()
+            store.set_read_only(self.role == "replica", promoted=self.promoted)
+            self._vector_now()
+            self.resync.refresh_floor()
+            self._counts = _read_counts(store.conn)
+            return store.log_position(), list_checkpoints(store.conn, _CHECKPOINTS_SHOWN)
+
+        position, self._checkpoints = await trio.to_thread.run_sync(
+            reread, limiter=self._apply_limiter
+        )
+        self._detector.position = position
+        for status in self.status.values():
+            status.sent_position = status.acked_position = 0
+            status.peer_vector = {}
+        self.resync.recompute.set()
+        self._announce_log_change()
+
+    async def _pull_full_snapshot(self, reason: str) -> None:
+        """After recovery emptied the file: a full snapshot from the first peer that answers."""
+        while True:
+            for peer_id, link in sorted(self.links.items()):
+                with contextlib.suppress(PeerDisconnected):
+                    await link.pull(full=True, reason=reason)
+                    _log.warning("full resync requested after recovery", **{KEY_PEER: peer_id})
+                    return
+            await trio.sleep(0.2)
+
+    async def _back_up_before_resync(self, peer: str) -> None:
+        """``backup_before_resync``: the state as it was, before a full snapshot merges in."""
+        if not self.config.replication.backup_before_resync:
+            return
+        try:
+            info = await self.persistence.create(f"{RESYNC_BACKUP} from {peer}")
+            await self.persistence.expire_resync_backups()
+        except Exception as error:  # no merge without the backup the operator asked for
+            raise SnapshotError(f"backup_before_resync failed: {error}") from error
+        _log.info("backup taken before a full resync", backup=info.name, **{KEY_PEER: peer})
 
     def status_report(self) -> dict[str, Any]:
         replication = self.config.replication
@@ -718,6 +806,11 @@ class Node:
 
     async def _serve(self, connection: PeerConnection, initiator: str | None) -> None:
         """Hello both ways, then run the link until it ends."""
+        unavailable = self._state_unavailable()
+        if unavailable is not None:
+            _log.info("connection closed", remote=connection.label, reason=unavailable)
+            await connection.close(unavailable)
+            return
         try:
             hello = await self._exchange_hello(connection)
         except (PeerDisconnected, HelloRefused) as error:
@@ -780,6 +873,8 @@ class Node:
             if self.links.get(peer_id) is link:  # not replaced by a preferred connection
                 self.resync.abandon(peer_id)
                 del self.links[peer_id]
+                ended, self._link_ended = self._link_ended, trio.Event()
+                ended.set()
                 self.status[peer_id].state = "disconnected"
                 self._peer_roles.pop(peer_id, None)
                 self._check_split_brain()
@@ -830,6 +925,10 @@ class Node:
                     inline=few,
                 )
             except sqlite3.OperationalError as error:
+                if self.persistence.write_failed(error, "applying a batch"):
+                    # Not acknowledged: the peer sends it again once this node takes writes.
+                    raise PeerDisconnected(f"state database refuses writes: {error}",
+                                           op="apply") from None  # fmt: skip
                 if not dbcall.is_busy(error):
                     raise
                 _log.warning("state database busy; retrying the batch", error=str(error))

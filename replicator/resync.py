@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -44,6 +44,7 @@ class Resync:
         links: Mapping[str, Link],
         current_vector: Callable[[], dict[Origin, int]],
         view: Callable[[], RowFilter | None] = lambda: None,
+        before_full_merge: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.recovery = recovery
@@ -58,6 +59,7 @@ class Resync:
         self._sent_at: dict[str, float] = {}
         self._view = view  # a fresh copy of the outgoing view per snapshot (its own thread)
         self._vector_now = current_vector
+        self._before_full_merge = before_full_merge
         self.checksums: Checksums | None = None
         self.recompute = trio.Event()
         self.divergent: dict[str, list[str]] = {}
@@ -161,6 +163,8 @@ class Resync:
             raise PeerDisconnected("snapshot end without a snapshot", op="snapshot", peer=peer)
         verify = self.recovery.checksum_verification
         try:
+            if not merge.partial and self._before_full_merge is not None:
+                await self._before_full_merge(peer)
             vector = await trio.to_thread.run_sync(
                 lambda: merge.finish(message, verify=verify), limiter=self._limiter
             )

@@ -55,8 +55,11 @@ class NodeProcess:
         max_lag: str = "10s",
         liveness_timeout: str = "10s",
         extra: str = "",
+        state_extra: str = "",
+        db_path: Path | None = None,
     ) -> None:
         self.extra = extra  # more lines for the replication block, as HCL
+        self.state_extra = state_extra  # and for the state block
         # Where this node dials each peer, when not the peer's own address (a proxy, say).
         self.peer_addresses: dict[str, str] = {}
         self.liveness_timeout = liveness_timeout
@@ -72,7 +75,7 @@ class NodeProcess:
         self.secret = secret
         self.strategy = strategy
         self.tables = tables
-        self.db_path = self.directory / "state.db"
+        self.db_path = db_path or self.directory / "state.db"
         self.log_path = self.directory / "node.log"
         (self.directory / "schema.sql").write_text(SCHEMA)
         self.process: subprocess.Popen[bytes] | None = None
@@ -85,8 +88,9 @@ class NodeProcess:
         config.write_text(
             f"""
 state {{
-  path   = "state.db"
+  path   = "{self.db_path}"
   schema = "schema.sql"
+{self.state_extra}
 }}
 replication {{
   mode        = "{self.mode}"
@@ -178,7 +182,7 @@ replication {{
 
     def post(self, path: str, body: Any = None) -> dict[str, Any]:
         code, reply = self.api("POST", path, body)
-        assert code in (200, 202), reply
+        assert code in (200, 201, 202), reply
         return dict(reply)
 
     def status(self) -> dict[str, Any]:

@@ -123,8 +123,9 @@ def test_conflicts_are_listed_shown_and_resolved_everywhere(
         ("GET", "/api/replication/pause", None, 405, "method not allowed"),
         ("GET", "/api/nowhere", None, 404, "not found"),
         ("POST", "/api/replication/resync", {"peer": "nodeX"}, 404, "no configured peer"),
-        ("POST", "/api/state/backups", {}, 501, "backups are not built"),
-        ("GET", "/api/state/backups/daily-1", None, 404, "no backup"),
+        ("POST", "/api/state/backups", {}, 409, "backups are not enabled"),
+        ("GET", "/api/state/backups/daily-1", None, 404, "backups are not enabled"),
+        ("POST", "/api/state/backups/daily-1/restore", None, 404, "backups are not enabled"),
     ],
 )
 def test_errors_are_json_with_a_fitting_status(

@@ -47,6 +47,9 @@ def answer(result: Result) -> Any:
     return json.loads(result.stdout)
 
 
+BACKUPS = 'backup = { enabled = true, directory = "backups" }'
+
+
 def start_pair(directory: Path, **options: str) -> tuple[NodeProcess, NodeProcess]:
     node1 = NodeProcess(directory, "node1", "127.0.0.1", **options)
     node2 = NodeProcess(directory, "node2", "127.0.0.2", **options)
@@ -77,7 +80,7 @@ def stop(*nodes: NodeProcess) -> None:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeProcess, NodeProcess]]:
     """A connected active-active pair holding 200 leases (timestamp strategy)."""
-    node1, node2 = start_pair(tmp_path_factory.mktemp("pair"))
+    node1, node2 = start_pair(tmp_path_factory.mktemp("pair"), state_extra=BACKUPS)
     try:
         wait_connected(node1, node2)
         app = node1.app()
@@ -146,7 +149,7 @@ COMMANDS: list[tuple[list[str], str, set[str]]] = [
     (["conflicts", "list"], "No open conflicts.", {"conflicts", "status"}),
     (["conflicts", "list", "--status", "all"], "No conflicts.", {"conflicts"}),
     (["debug", "--peer", "node2"], "Peer node2, as seen from node1", {"peer", "alarms"}),
-    (["backup", "list"], "Backups are not built", {"enabled", "built", "backups"}),
+    (["backup", "list"], "scheduled", {"enabled", "directory", "backups"}),
     (["state", "status"], "journal mode     wal", {"path", "journal_mode", "size_bytes"}),
     (["state", "stats"], "dhcp_leases   200", {"tables", "log_entries", "pages"}),
     (["state", "validate"], "State database OK", {"ok", "problems", "integrity_check"}),
@@ -272,8 +275,6 @@ def test_the_nodes_errors_exit_4_with_one_line(pair: tuple[NodeProcess, NodeProc
         (["conflicts", "show", "nope"], "no conflict 'nope': see /api/replication/conflicts"),
         (["conflicts", "resolve", "nope", "--use", "local"], "no conflict 'nope'"),
         (["resync", "--peer", "node9"], "no configured peer 'node9': configured: node2"),
-        (["backup", "create", "--description", "before upgrade"],
-         "backups are not built in this version: state.backup is refused at start until they"),
         (["backup", "restore", "backup-1.db", "--yes"], "no backup 'backup-1.db'"),
     ]:  # fmt: skip
         result = cli(*command, *sock(node1))

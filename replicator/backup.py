@@ -1,0 +1,902 @@
+"""Backups of the state database: consistent copies, compressed, encrypted, kept by retention.
+
+Why this shape:
+
+- The copy is made with SQLite's online backup API in one step from a fresh connection, so it
+  is one snapshot even while the node and the applications keep writing (WAL readers never
+  block writers). Everything recorded about a backup (version vector, schema versions) is read
+  from the copy itself, so it matches the data by construction.
+- The copy is then streamed, in bounded chunks, through lz4 and SecretBox into the backup file:
+  memory never grows with the database.
+- A backup becomes visible only when both its data file and its metadata sidecar were written,
+  fsynced and renamed into place; a kill at any point leaves temporary files that the next
+  `BackupStore` removes, never a partial backup.
+- Reading verifies the whole-file checksum first, then decodes to a temporary SQLite file and
+  runs ``PRAGMA integrity_check``; a restore touches the live database only after all of that,
+  and through the backup API (applications keep the live file open, so it is never replaced).
+
+A directory shared by several nodes holds each node's backups side by side: a `BackupStore`
+lists, prunes and cleans up only its own node's files.
+
+File format (``<name>.backup``)::
+
+    header   magic b"RPLBKUP\\0" | format version (u8, 1) | flags (u8) | file id (16 bytes)
+    body     flags & 2 (encrypted): records until the final one, each
+                 length (u32 big endian) | SecretBox(nonce + MAC + plaintext)
+                 plaintext = file id (16) | chunk index (u64 BE) | final (u8) | <= 1 MiB of data
+             else: the stream itself
+    stream   flags & 1 (compressed): one lz4 frame (content checksum on) of the SQLite file;
+             else the SQLite file as is
+
+The file id, chunk index and final flag are authenticated inside each record, so records
+spliced from another backup, reordered, dropped or cut off are all detected.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import re
+import secrets
+import sqlite3
+import stat
+import struct
+import time
+import urllib.parse
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import lz4.frame
+import nacl.exceptions
+import nacl.secret
+
+from protocol import Origin
+from replicator.config import BackupConfig, Retention
+from replicator.errors import ReplicationError
+from replicator.log import get_logger
+
+__all__ = [
+    "BackupCorrupt",
+    "BackupError",
+    "BackupInfo",
+    "BackupKeyError",
+    "BackupStore",
+    "expired",
+    "load_key",
+]
+
+_log = get_logger("backup")
+
+MAGIC = b"RPLBKUP\x00"
+FORMAT = 1
+FLAG_COMPRESSED = 1
+FLAG_ENCRYPTED = 2
+HEADER = struct.Struct(">8sBB16s")
+RECORD_LENGTH = struct.Struct(">I")
+CHUNK_PREFIX = struct.Struct(">16sQB")
+CHUNK = 1 << 20
+MAX_RECORD = CHUNK_PREFIX.size + CHUNK + nacl.secret.SecretBox.NONCE_SIZE + 16
+DATA_SUFFIX = ".backup"
+META_SUFFIX = ".json"
+TEMP_PREFIX = ".tmp-"
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+MIN_PASSPHRASE = 16
+KEY_PERSON = b"replicator-bkup"
+BUSY_TIMEOUT_S = 30.0
+_TEMP = re.compile(
+    r"^\.tmp-(?P<stem>[A-Za-z0-9_~-]+)\.(?:lock|data|json|db(?:-journal|-wal|-shm)?)$"
+)
+
+
+class BackupError(ReplicationError):
+    """A backup could not be made, read or restored; the message names the file."""
+
+
+class BackupCorrupt(BackupError):
+    """A backup fails its checksum, is cut short, cannot be decrypted or is no valid database."""
+
+
+class BackupKeyError(BackupError):
+    """The encryption key file is missing, too open, or holds too short a passphrase."""
+
+
+class _Missing(BackupError):
+    """No such backup (or it is being removed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackupInfo:
+    """What a backup holds, as its metadata sidecar records it (read from the copy itself)."""
+
+    name: str
+    node_id: str
+    created_at: float
+    size: int
+    database_bytes: int
+    checksum: str
+    description: str | None
+    schema_version: int
+    replicator_schema: int
+    vector: dict[str, int]
+    compressed: bool
+    encrypted: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> BackupInfo:
+        """Parse a metadata sidecar, checking every field's type (it is a file anyone can edit)."""
+        if not isinstance(data, dict):
+            raise TypeError("metadata is not an object")
+        values: dict[str, Any] = {}
+        for name, kinds in _FIELD_TYPES.items():
+            value = data[name]
+            if type(value) not in kinds:
+                raise TypeError(f"{name} is {value!r}")
+            values[name] = value
+        vector = values["vector"]
+        if not all(isinstance(k, str) and type(v) is int for k, v in vector.items()):
+            raise TypeError(f"vector is {vector!r}")
+        values["created_at"] = float(values["created_at"])
+        return cls(**values)
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "node_id": (str,),
+    "created_at": (int, float),
+    "size": (int,),
+    "database_bytes": (int,),
+    "checksum": (str,),
+    "description": (str, type(None)),
+    "schema_version": (int,),
+    "replicator_schema": (int,),
+    "vector": (dict,),
+    "compressed": (bool,),
+    "encrypted": (bool,),
+}
+
+
+def load_key(path: str) -> bytes:
+    """32-byte SecretBox key derived (BLAKE2b, digest 32, a fixed `person`) from the passphrase
+    text in the file (the format `replicator keygen` writes; strip whitespace; >= 16 chars).
+    Refuses a file whose mode lets group or others read or write it: a key others can read
+    protects nothing, and one others can write lets them choose it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise BackupKeyError(
+            f"backup key file {path} does not exist",
+            op="backup",
+            hint=f"create one with `replicator keygen {path}`",
+        ) from None
+    except OSError as error:
+        raise BackupKeyError(
+            f"cannot read backup key file {path}: {error.strerror}", op="backup"
+        ) from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise BackupKeyError(f"backup key file {path} is not a regular file", op="backup")
+        if info.st_mode & 0o077:
+            raise BackupKeyError(
+                f"backup key file {path} is open to group or others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o})",
+                op="backup",
+                hint=f"chmod 600 {path}",
+            )
+        raw = file.read(4097)
+    try:
+        passphrase = raw.decode().strip()
+    except UnicodeDecodeError:
+        raise BackupKeyError(f"backup key file {path} is not text", op="backup") from None
+    if len(raw) > 4096 or len(passphrase) < MIN_PASSPHRASE:
+        raise BackupKeyError(
+            f"backup key file {path} must hold a passphrase of {MIN_PASSPHRASE} to 4096 "
+            f"characters (it holds {len(passphrase)})",
+            op="backup",
+            hint=f"create one with `replicator keygen {path}`",
+        )
+    return hashlib.blake2b(passphrase.encode(), digest_size=32, person=KEY_PERSON).digest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Retention
+
+
+def _hour(at: datetime) -> tuple[int, ...]:
+    return (at.year, at.month, at.day, at.hour)
+
+
+def _day(at: datetime) -> tuple[int, ...]:
+    return (at.year, at.month, at.day)
+
+
+def _week(at: datetime) -> tuple[int, ...]:
+    return tuple(at.isocalendar())[:2]
+
+
+def _month(at: datetime) -> tuple[int, ...]:
+    return (at.year, at.month)
+
+
+def expired(backups: Sequence[BackupInfo], retention: Retention, now: float) -> list[str]:
+    """Pure retention rule. Buckets: like restic/borg keep-hourly/daily/weekly/monthly: for each
+    bucket kind with count N>0, keep the newest backup of each of the N most recent distinct
+    periods (UTC hour, day, ISO week, month) that contain a backup; a backup kept by any bucket
+    is kept. With max_age: keep everything younger than max_age. ALWAYS keep the newest backup,
+    whatever the rule. With no rule at all (no bucket, no max_age) nothing expires: an empty
+    rule is never read as "delete everything". Returns the names to delete, oldest first."""
+    buckets = (
+        (retention.hourly, _hour),
+        (retention.daily, _day),
+        (retention.weekly, _week),
+        (retention.monthly, _month),
+    )
+    if not backups or (retention.max_age is None and all(n <= 0 for n, _ in buckets)):
+        return []
+    newest_first = sorted(backups, key=lambda b: (b.created_at, b.name), reverse=True)
+    keep = {newest_first[0].name}
+    for count, period in buckets:
+        seen: set[tuple[int, ...]] = set()
+        for backup in newest_first:
+            if len(seen) >= count:
+                break
+            key = period(datetime.fromtimestamp(backup.created_at, UTC))
+            if key not in seen:
+                seen.add(key)
+                keep.add(backup.name)
+    if retention.max_age is not None:
+        keep.update(b.name for b in newest_first if now - b.created_at < retention.max_age)
+    return [b.name for b in reversed(newest_first) if b.name not in keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams: each stage takes bytes and passes bounded blocks on.
+
+
+class _Sink(Protocol):
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
+class _HashingWriter:
+    """The end of the chain: writes to the file, checksumming exactly the bytes stored."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+        self.hash = hashlib.blake2b(digest_size=32)
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.file.write(data)
+        self.size += len(data)
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+
+class _Encryptor:
+    """Cuts the stream into chunks of CHUNK bytes, each sealed with its place in the file."""
+
+    def __init__(self, box: nacl.secret.SecretBox, file_id: bytes, sink: _Sink) -> None:
+        self.box = box
+        self.file_id = file_id
+        self.sink = sink
+        self.buffer = bytearray()
+        self.index = 0
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+        # Strictly more than a chunk: whatever is left at close is the final chunk (maybe empty).
+        while len(self.buffer) > CHUNK:
+            self._seal(bytes(self.buffer[:CHUNK]), final=False)
+            del self.buffer[:CHUNK]
+
+    def close(self) -> None:
+        self._seal(bytes(self.buffer), final=True)
+        self.buffer.clear()
+        self.sink.close()
+
+    def _seal(self, chunk: bytes, *, final: bool) -> None:
+        sealed = self.box.encrypt(CHUNK_PREFIX.pack(self.file_id, self.index, final) + chunk)
+        self.sink.write(RECORD_LENGTH.pack(len(sealed)) + bytes(sealed))
+        self.index += 1
+
+
+class _Compressor:
+    def __init__(self, level: int, sink: _Sink) -> None:
+        self.compressor = lz4.frame.LZ4FrameCompressor(
+            compression_level=level, content_checksum=True
+        )
+        self.sink = sink
+        self.sink.write(self.compressor.begin())
+
+    def write(self, data: bytes) -> None:
+        out = self.compressor.compress(data)
+        if out:
+            self.sink.write(out)
+
+    def close(self) -> None:
+        self.sink.write(self.compressor.flush())
+        self.sink.close()
+
+
+def _blocks(file: IO[bytes], size: int = CHUNK) -> Iterator[bytes]:
+    while block := file.read(size):
+        yield block
+
+
+def _decrypt(
+    file: IO[bytes], box: nacl.secret.SecretBox, file_id: bytes, where: str
+) -> Iterator[bytes]:
+    for index in itertools.count():
+        head = file.read(RECORD_LENGTH.size)
+        (length,) = RECORD_LENGTH.unpack(head) if len(head) == RECORD_LENGTH.size else (0,)
+        record = file.read(length) if 0 < length <= MAX_RECORD else b""
+        if not record or len(record) != length:
+            raise BackupCorrupt(f"backup {where} is truncated (chunk {index})", op="restore")
+        try:
+            plain = box.decrypt(record)
+        except nacl.exceptions.CryptoError:
+            raise BackupCorrupt(
+                f"cannot decrypt backup {where} (chunk {index}): made with another key, or damaged",
+                op="restore",
+                hint="check that state.backup.encryption_key is the key the backup was made with",
+            ) from None
+        if len(plain) < CHUNK_PREFIX.size:
+            raise BackupCorrupt(f"backup {where}: chunk {index} is too short", op="restore")
+        chunk_file, chunk_index, final = CHUNK_PREFIX.unpack_from(plain)
+        if chunk_file != file_id or chunk_index != index:
+            raise BackupCorrupt(f"backup {where}: chunk {index} is out of place", op="restore")
+        yield plain[CHUNK_PREFIX.size :]
+        if final:
+            break
+    if file.read(1):
+        raise BackupCorrupt(f"backup {where}: data after the final chunk", op="restore")
+
+
+def _decompress(blocks: Iterable[bytes], where: str) -> Iterator[bytes]:
+    decompressor = lz4.frame.LZ4FrameDecompressor()
+    done = False
+    try:
+        for block in blocks:
+            if done and block:
+                raise BackupCorrupt(f"backup {where}: data after the end", op="restore")
+            data = block
+            while not done:
+                # Bounded output: a highly compressible chunk must not expand all at once.
+                out = decompressor.decompress(data, max_length=CHUNK)
+                data = b""
+                if out:
+                    yield out
+                done = bool(decompressor.eof)
+                if decompressor.needs_input:
+                    break
+            if done and decompressor.unused_data:
+                raise BackupCorrupt(f"backup {where}: data after the end", op="restore")
+    except RuntimeError as error:  # lz4 reports bad frames and checksums this way
+        raise BackupCorrupt(f"backup {where} does not decompress: {error}", op="restore") from None
+    if not done:
+        raise BackupCorrupt(f"backup {where} is truncated", op="restore")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _create(path: Path) -> IO[bytes]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)  # whatever the umask
+    return os.fdopen(fd, "wb")
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _sqlite_files(path: Path) -> list[Path]:
+    return [path, *(path.with_name(path.name + s) for s in ("-journal", "-wal", "-shm"))]
+
+
+def _file_checksum(path: Path) -> tuple[int, str]:
+    digest = hashlib.blake2b(digest_size=32)
+    size = 0
+    with path.open("rb") as file:
+        for block in _blocks(file):
+            digest.update(block)
+            size += len(block)
+    return size, f"blake2b:{digest.hexdigest()}"
+
+
+def _uri(path: Path | str, mode: str) -> str:
+    return f"file:{urllib.parse.quote(os.path.abspath(path))}?mode={mode}"
+
+
+def _facts(conn: sqlite3.Connection) -> tuple[int, int, dict[str, int]]:
+    """user_version, `_repl_*` schema version and version vector of a copy (same rule as
+    `Store.version_vector`: applied progress per origin, plus this node's own captures)."""
+    user_version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_schema")}
+    replicator_schema = 0
+    if "_repl_migrations" in tables:
+        row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM _repl_migrations").fetchone()
+        replicator_schema = int(row[0])
+    vector: dict[str, int] = {}
+    if "_repl_progress" in tables:
+        for node, inc, seq in conn.execute(
+            "SELECT origin_node, origin_inc, seq FROM _repl_progress"
+        ):
+            vector[str(Origin(node, inc))] = int(seq)
+    if "_repl_clock" in tables:
+        clock = conn.execute(
+            "SELECT node_id, incarnation, local_seq FROM _repl_clock WHERE id = 1"
+        ).fetchone()
+        if clock is not None and clock[2]:
+            vector[str(Origin(clock[0], clock[1]))] = int(clock[2])
+    return user_version, replicator_schema, vector
+
+
+def _acquire(lock: Path) -> int:
+    """Create and hold an operation's lock file (FileExistsError: taken). While it is held,
+    `BackupStore._clean` of any instance leaves the operation's files alone; the kernel drops
+    the lock when the process dies, even by kill -9."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        os.close(fd)  # a cleaner locked it first and removed it as a leftover: again
+
+
+@contextlib.contextmanager
+def _unless_running(lock: Path) -> Iterator[bool]:
+    """True, holding the lock file if there is one, when no running operation holds it."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)
+
+
+class BackupStore:
+    """The backups of one node in one directory. Synchronous: call it from a worker thread."""
+
+    def __init__(self, config: BackupConfig, node_id: str) -> None:
+        """Creates the directory if missing (mode 0750). Loads the key now when encryption is
+        on (so a bad key file refuses the node at start). Removes leftovers of interrupted
+        backups (temp files)."""
+        if not config.directory:
+            raise BackupError("state.backup.directory is not set", op="backup")
+        self.config = config
+        self.node_id = node_id
+        self.directory = Path(config.directory)
+        self._prefix = re.sub(r"[^A-Za-z0-9_-]", "_", node_id) or "_"
+        self._own = re.compile(rf"^{re.escape(self._prefix)}-\d{{8}}T\d{{9}}Z(?:-[0-9a-f]{{4}})?$")
+        try:
+            if not self.directory.is_dir():
+                self.directory.mkdir(parents=True, mode=DIR_MODE)
+                self.directory.chmod(DIR_MODE)
+        except OSError as error:
+            raise BackupError(
+                f"cannot create the backup directory {self.directory}: {error.strerror}",
+                op="backup",
+                hint="check state.backup.directory and its parent's permissions",
+            ) from None
+        self._box: nacl.secret.SecretBox | None = None
+        if config.encryption:
+            self._box = nacl.secret.SecretBox(self._key_path_key())
+        self._clean()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def list(self) -> list[BackupInfo]:
+        """This node's complete backups (metadata and data file present), newest first."""
+        found = []
+        try:
+            entries = [entry.name for entry in os.scandir(self.directory)]
+        except OSError as error:
+            raise self._os_error("cannot list", self.directory, error) from None
+        for entry in entries:
+            name = entry.removesuffix(META_SUFFIX)
+            if name == entry or not self._own.match(name):
+                continue
+            try:
+                found.append(self._load(name))
+            except BackupCorrupt as error:
+                _log.warning("backup metadata unreadable, skipped", name=name, error=str(error))
+            except _Missing:
+                continue  # no data file: being removed, or an interrupted backup
+        return sorted(found, key=lambda info: (info.created_at, info.name), reverse=True)
+
+    def get(self, name: str) -> BackupInfo:
+        if not self._own.match(name):
+            raise _Missing(f"no backup {name!r}", op="backup")
+        return self._load(name)
+
+    def verify(self, name: str) -> BackupInfo:
+        """Re-checksums the stored file; BackupCorrupt if it differs."""
+        info = self.get(name)
+        path = self._data_path(name)
+        try:
+            size, checksum = _file_checksum(path)
+        except OSError as error:
+            raise self._os_error("cannot read", path, error) from None
+        if size != info.size:
+            raise BackupCorrupt(
+                f"backup {path} is {size} bytes, its metadata says {info.size}", op="verify"
+            )
+        if checksum != info.checksum:
+            raise BackupCorrupt(
+                f"backup {path} fails its checksum (the file or its metadata changed)",
+                op="verify",
+            )
+        return info
+
+    @contextlib.contextmanager
+    def opened(self, name: str) -> Iterator[str]:
+        """Verify the checksum FIRST, then decrypt/decompress to a temporary SQLite file next to
+        the backups (streaming, bounded memory), run PRAGMA integrity_check on it (BackupCorrupt
+        if not ok), yield its path, remove it afterwards."""
+        info = self.verify(name)
+        stem = f"{name}~{secrets.token_hex(4)}"
+        target = self._temp(stem, "db")
+        with self._held(stem, self._lock(stem)):
+            try:
+                self._decode(info, target)
+                self._check_database(info, target)
+                yield str(target)
+            finally:
+                _remove(*_sqlite_files(target))
+
+    def restore_into(self, name: str, conn: sqlite3.Connection) -> BackupInfo:
+        """Write the verified backup into the live database through `conn` (an open connection
+        to the live file) using SQLite's online backup API, never by renaming files
+        (applications keep the live file open). Nothing touches `conn` before verification
+        succeeded."""
+        started = time.monotonic()
+        info = self.get(name)
+        with self.opened(name) as path:
+            source = sqlite3.connect(_uri(path, "ro"), uri=True)
+            try:
+                source.backup(conn)
+            except sqlite3.Error as error:
+                raise BackupError(
+                    f"cannot restore backup {name} into the live database: {error}",
+                    op="restore",
+                    hint="no transaction may be open on the connection restored into",
+                ) from None
+            finally:
+                source.close()
+        _log.info("backup restored", name=name, seconds=round(time.monotonic() - started, 3))
+        return info
+
+    def newest_good(self) -> BackupInfo | None:
+        """The newest backup that verifies (checksum): what auto-recovery restores."""
+        for info in self.list():
+            try:
+                return self.verify(info.name)
+            except BackupError as error:
+                _log.warning("backup skipped: does not verify", name=info.name, error=str(error))
+        return None
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def create(
+        self, db_path: str, *, description: str | None = None, now: float | None = None
+    ) -> BackupInfo:
+        """Back up the database at `db_path` while others keep writing to it."""
+        started = time.monotonic()
+        created_at = time.time() if now is None else now
+        name, lock = self._claim(created_at)
+        copy, data_temp, meta_temp = (self._temp(name, k) for k in ("db", "data", "json"))
+        data, meta = self._data_path(name), self._meta_path(name)
+        with self._held(name, lock):
+            try:
+                try:
+                    database_bytes, facts = self._snapshot(db_path, copy)
+                    size, checksum = self._encode(copy, data_temp)
+                finally:
+                    _remove(*_sqlite_files(copy))
+                info = BackupInfo(
+                    name=name,
+                    node_id=self.node_id,
+                    created_at=created_at,
+                    size=size,
+                    database_bytes=database_bytes,
+                    checksum=checksum,
+                    description=description,
+                    schema_version=facts[0],
+                    replicator_schema=facts[1],
+                    vector=facts[2],
+                    compressed=self.config.compression,
+                    encrypted=self._box is not None,
+                )
+                self._write_metadata(info, meta_temp)
+                # Data first: a data file without metadata is never listed, and is removed.
+                data_temp.rename(data)
+                meta_temp.rename(meta)
+                _fsync_directory(self.directory)
+            except OSError as error:
+                _remove(data_temp, meta_temp, meta, data)
+                raise self._os_error("cannot write backup", data, error) from None
+            except BaseException:
+                _remove(data_temp, meta_temp, meta, data)
+                raise
+        _log.info(
+            "backup created",
+            name=name,
+            size=size,
+            database_bytes=database_bytes,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return info
+
+    def prune(self, now: float | None = None) -> builtins.list[str]:
+        """Apply retention to this node's backups; returns the names removed."""
+        moment = time.time() if now is None else now
+        names = expired(self.list(), self.config.retention, moment)
+        for name in names:
+            self._delete(name)
+            _log.info("backup removed by retention", name=name)
+        return names
+
+    def remove(self, name: str) -> None:
+        """Delete one backup (BackupError if unknown)."""
+        self.get(name)
+        self._delete(name)
+        _log.info("backup removed", name=name)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _delete(self, name: str) -> None:
+        # Metadata first: from then on the backup is not listed, whatever happens next.
+        try:
+            _remove(self._meta_path(name), self._data_path(name))
+            _fsync_directory(self.directory)
+        except OSError as error:
+            raise self._os_error("cannot remove", self._data_path(name), error) from None
+
+    def _key_path_key(self) -> bytes:
+        if self.config.encryption_key is None:
+            raise BackupKeyError(
+                "encrypted backups need a key file (state.backup.encryption_key)",
+                op="backup",
+                hint="create one with `replicator keygen PATH`",
+            )
+        return load_key(self.config.encryption_key)
+
+    def _data_path(self, name: str) -> Path:
+        return self.directory / f"{name}{DATA_SUFFIX}"
+
+    def _meta_path(self, name: str) -> Path:
+        return self.directory / f"{name}{META_SUFFIX}"
+
+    def _temp(self, stem: str, kind: str) -> Path:
+        return self.directory / f"{TEMP_PREFIX}{stem}.{kind}"
+
+    def _os_error(self, what: str, path: Path, error: OSError) -> BackupError:
+        return BackupError(
+            f"{what} {path}: {error.strerror or error}",
+            op="backup",
+            hint="check free space and permissions of state.backup.directory",
+        )
+
+    def _lock(self, stem: str) -> int:
+        lock = self._temp(stem, "lock")
+        try:
+            return _acquire(lock)
+        except FileExistsError:
+            raise
+        except OSError as error:
+            raise self._os_error("cannot create", lock, error) from None
+
+    @contextlib.contextmanager
+    def _held(self, stem: str, fd: int) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            _remove(self._temp(stem, "lock"))
+            os.close(fd)
+
+    def _claim(self, created_at: float) -> tuple[str, int]:
+        """A fresh name, sortable by time, and its held lock: creating the lock file decides
+        between creators racing for the same millisecond."""
+        seconds, millis = divmod(int(created_at * 1000), 1000)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds))
+        base = name = f"{self._prefix}-{stamp}{millis:03d}Z"
+        while True:
+            if not (self._data_path(name).exists() or self._meta_path(name).exists()):
+                with contextlib.suppress(FileExistsError):
+                    return name, self._lock(name)
+            name = f"{base}-{secrets.token_hex(2)}"
+
+    def _load(self, name: str) -> BackupInfo:
+        meta = self._meta_path(name)
+        try:
+            text = meta.read_text()
+        except FileNotFoundError:
+            raise _Missing(f"no backup {name!r}", op="backup") from None
+        except OSError as error:
+            raise self._os_error("cannot read", meta, error) from None
+        if not self._data_path(name).is_file():
+            raise _Missing(f"no backup {name!r}", op="backup")
+        try:
+            info = BackupInfo.from_dict(json.loads(text))
+        except (ValueError, TypeError, KeyError) as error:
+            raise BackupCorrupt(
+                f"backup metadata {meta} is invalid: {error}", op="backup"
+            ) from None
+        if info.name != name or info.node_id != self.node_id:
+            raise BackupCorrupt(
+                f"backup metadata {meta} names {info.name!r} of node {info.node_id!r}",
+                op="backup",
+            )
+        return info
+
+    def _snapshot(self, db_path: str, copy: Path) -> tuple[int, tuple[int, int, dict[str, int]]]:
+        """One consistent copy of the live database, in one backup step."""
+        if not os.path.isfile(db_path):
+            raise BackupError(f"cannot back up {db_path}: no such database file", op="backup")
+        try:
+            source = sqlite3.connect(_uri(db_path, "rw"), uri=True, timeout=BUSY_TIMEOUT_S)
+        except sqlite3.Error as error:
+            raise BackupError(f"cannot open {db_path}: {error}", op="backup") from None
+        try:
+            target = sqlite3.connect(copy, isolation_level=None)
+            try:
+                # The copy is scratch: no journal, no syncs (the backup file itself is fsynced).
+                target.execute("PRAGMA journal_mode = OFF")
+                target.execute("PRAGMA synchronous = OFF")
+                source.backup(target)  # pages=-1: one step under one read transaction
+                # The copy inherits WAL mode from the header; a backup is one plain file.
+                target.execute("PRAGMA journal_mode = DELETE")
+                facts = _facts(target)
+            finally:
+                target.close()
+        except sqlite3.Error as error:
+            raise BackupError(f"cannot copy {db_path} to {copy}: {error}", op="backup") from None
+        finally:
+            source.close()
+        return copy.stat().st_size, facts
+
+    def _encode(self, copy: Path, temp: Path) -> tuple[int, str]:
+        flags = (FLAG_COMPRESSED if self.config.compression else 0) | (
+            FLAG_ENCRYPTED if self._box is not None else 0
+        )
+        file_id = secrets.token_bytes(16)
+        with _create(temp) as file, copy.open("rb") as source:
+            writer = _HashingWriter(file)
+            writer.write(HEADER.pack(MAGIC, FORMAT, flags, file_id))
+            sink: _Sink = writer
+            if self._box is not None:
+                sink = _Encryptor(self._box, file_id, sink)
+            if self.config.compression:
+                sink = _Compressor(self.config.compression_level, sink)
+            for block in _blocks(source):
+                sink.write(block)
+            sink.close()
+        return writer.size, f"blake2b:{writer.hash.hexdigest()}"
+
+    def _write_metadata(self, info: BackupInfo, temp: Path) -> None:
+        with _create(temp) as file:
+            file.write(json.dumps({"format": FORMAT, **info.as_dict()}, indent=2).encode())
+            file.flush()
+            os.fsync(file.fileno())
+
+    def _reading_box(self) -> nacl.secret.SecretBox:
+        if self._box is None:  # encryption is off now; the key file may still be configured
+            self._box = nacl.secret.SecretBox(self._key_path_key())
+        return self._box
+
+    def _decode(self, info: BackupInfo, target: Path) -> None:
+        path = self._data_path(info.name)
+        written = 0
+        try:
+            with path.open("rb") as file, _create(target) as out:
+                head = file.read(HEADER.size)
+                magic, version, flags, file_id = (
+                    HEADER.unpack(head) if len(head) == HEADER.size else (b"", 0, 0, b"")
+                )
+                if magic != MAGIC or version != FORMAT:
+                    raise BackupCorrupt(f"{path} is not a backup (format {FORMAT})", op="restore")
+                if flags != (FLAG_COMPRESSED * info.compressed | FLAG_ENCRYPTED * info.encrypted):
+                    raise BackupCorrupt(f"{path}: header and metadata disagree", op="restore")
+                blocks: Iterable[bytes] = _blocks(file)
+                if flags & FLAG_ENCRYPTED:
+                    blocks = _decrypt(file, self._reading_box(), file_id, str(path))
+                if flags & FLAG_COMPRESSED:
+                    blocks = _decompress(blocks, str(path))
+                for block in blocks:
+                    out.write(block)
+                    written += len(block)
+        except OSError as error:
+            raise self._os_error("cannot restore", path, error) from None
+        if written != info.database_bytes:
+            raise BackupCorrupt(
+                f"backup {path} holds {written} database bytes, its metadata says "
+                f"{info.database_bytes}",
+                op="restore",
+            )
+
+    def _check_database(self, info: BackupInfo, path: Path) -> None:
+        where = self._data_path(info.name)
+        try:
+            conn = sqlite3.connect(_uri(path, "ro"), uri=True)
+            try:
+                result = [row[0] for row in conn.execute("PRAGMA integrity_check(5)")]
+            finally:
+                conn.close()
+        except sqlite3.Error as error:
+            raise BackupCorrupt(
+                f"backup {where} is not a valid SQLite database: {error}", op="restore"
+            ) from None
+        if result != ["ok"]:
+            raise BackupCorrupt(
+                f"backup {where} fails the integrity check: {'; '.join(map(str, result))}",
+                op="restore",
+            )
+
+    def _clean(self) -> None:
+        """Remove what interrupted operations of this node left (unless one still runs)."""
+        stems: dict[str, list[Path]] = {}
+        orphans: list[str] = []
+        try:
+            entries = list(os.scandir(self.directory))
+        except OSError as error:
+            raise self._os_error("cannot list", self.directory, error) from None
+        for entry in entries:
+            temp = _TEMP.match(entry.name)
+            if temp and self._own.match(temp["stem"].split("~")[0]):
+                stems.setdefault(temp["stem"], []).append(Path(entry.path))
+            name = entry.name.removesuffix(DATA_SUFFIX)
+            if name != entry.name and self._own.match(name) and not self._meta_path(name).exists():
+                orphans.append(name)
+        try:
+            for stem, paths in stems.items():
+                lock = self._temp(stem, "lock")
+                with _unless_running(lock) as free:
+                    if free:  # the lock goes last, still held: see `_lock`
+                        _remove(*(p for p in paths if p != lock), lock)
+                        files = sorted(p.name for p in paths)
+                        _log.info("removed leftovers of an interrupted backup", files=files)
+            for name in orphans:
+                with _unless_running(self._temp(name, "lock")) as free:
+                    if free and not self._meta_path(name).exists():
+                        _remove(self._data_path(name))
+                        _log.info("removed a backup file without metadata", name=name)
+        except OSError as error:
+            raise self._os_error("cannot clean up", self.directory, error) from None

@@ -1,0 +1,261 @@
+"""A running node's care of its state file: scheduled backups, restores while the node runs,
+and pausing replication while the disk refuses writes.
+
+A restore stops every link (a peer must not stream into a file being replaced), writes the
+backup in through SQLite's backup API under a new incarnation, and lets the links come back:
+each peer sees the restored version vector in Hello and sends what this node now lacks, its
+own earlier writes included.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from replicator.backup import BackupInfo, BackupStore
+from replicator.control import ControlError
+from replicator.log import get_logger
+from replicator.recovery import RecoveryReport, restore_backup
+
+if TYPE_CHECKING:
+    from replicator.node import Node
+
+__all__ = ["Persistence", "is_write_failure"]
+
+_log = get_logger("persistence")
+_PROBE_INTERVAL = 1.0
+_PROBE_BYTES = 64 * 1024  # several pages: a full disk cannot hide it in free pages
+# SQLite's primary result codes for a disk that refuses writes.
+_SQLITE_IOERR = 10
+_SQLITE_FULL = 13
+_DEGRADED = "degraded"
+RESYNC_BACKUP = "before full resync"
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """A write the disk refused (full, I/O error), as opposed to a bug or a constraint."""
+    if not isinstance(error, sqlite3.DatabaseError):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in (_SQLITE_IOERR, _SQLITE_FULL):
+        return True
+    text = str(error)
+    return "disk is full" in text or "disk I/O error" in text
+
+
+class Persistence:
+    def __init__(self, node: Node, backups: BackupStore | None) -> None:
+        self.node = node
+        self.backups = backups
+        self.recovery: RecoveryReport | None = None
+        self.degraded: dict[str, Any] | None = None
+        self.restoring: str | None = None
+        self.last_restore: dict[str, Any] | None = None
+        self.last_backup_error: str | None = None
+        self.writable = trio.Event()
+        self.writable.set()
+        self._lock = trio.Lock()  # one backup or restore at a time
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.backups is not None and self.node.config.state.backup.enabled:
+                nursery.start_soon(self._back_up_on_schedule)
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- backups ---------------------------------------------------------------------------
+
+    async def create(self, description: str | None = None) -> BackupInfo:
+        backups = self._backups()
+        async with self._lock:
+            info = await trio.to_thread.run_sync(
+                lambda: backups.create(self.node.store_settings.path, description=description)
+            )
+            removed = await trio.to_thread.run_sync(backups.prune)
+        _log.info("backup created", backup=info.name, size=info.size,
+                  removed_by_retention=len(removed))  # fmt: skip
+        return info
+
+    async def _back_up_on_schedule(self) -> None:
+        """Every ``interval`` since the newest backup (one soon after start if it is older)."""
+        backups = self._backups()
+        interval = self.node.config.state.backup.interval
+        while True:
+            found = await trio.to_thread.run_sync(backups.list)
+            newest = found[0].created_at if found else 0.0
+            await trio.sleep(max(0.0, newest + interval - time.time()))
+            await self.writable.wait()
+            try:
+                await self.create("scheduled")
+                self.last_backup_error = None
+                self.node.alarms.pop("backup", None)
+            except Exception as error:  # a failed backup must not stop the node
+                self.last_backup_error = str(error)
+                self.node.alarms["backup"] = f"scheduled backup failed: {error}"
+                _log.error("scheduled backup failed", error=str(error))
+                await trio.sleep(min(interval, 60.0))
+
+    async def restore(self, name: str) -> dict[str, Any]:
+        """Replace the state with backup ``name`` while the node runs (see the module doc)."""
+        backups = self._backups()
+        node = self.node
+        async with self._lock:
+            info = await trio.to_thread.run_sync(backups.verify, name)  # before touching anything
+            self.restoring = name
+            started = time.time()
+            _log.warning("restoring the state database from a backup: replication paused",
+                         backup=name)  # fmt: skip
+            try:
+                await node.close_links(f"restoring backup {name}")
+                origin = await trio.to_thread.run_sync(
+                    self._restore_sync, backups, name, limiter=node.apply_limiter
+                )
+                await node.after_restore(origin)
+            finally:
+                self.restoring = None
+        self.last_restore = {
+            "backup": name,
+            "created_at": info.created_at,
+            "restored_at": started,
+            "seconds": round(time.time() - started, 3),
+            "origin": str(origin),
+            "vector": info.vector,
+        }
+        _log.warning("backup restored: catching up from peers", backup=name, origin=str(origin),
+                     seconds=self.last_restore["seconds"])  # fmt: skip
+        return self.last_restore
+
+    def _restore_sync(self, backups: BackupStore, name: str) -> Any:
+        node = self.node
+        with node.divergence_lock:
+            store = node.applier_store()
+            origin = restore_backup(backups, name, node.store_settings, store.conn)
+            store.origin = origin
+            node.forget_row_hashes()
+            return origin
+
+    async def expire_resync_backups(self) -> list[str]:
+        """``replication.backup_retention``: backups taken before a full resync are kept this
+        long (the newest backup always stays)."""
+        keep_for = self.node.config.replication.backup_retention
+        if keep_for is None:
+            return []
+        backups = self._backups()
+
+        def expire() -> list[str]:
+            found = backups.list()
+            old = [
+                info.name
+                for info in found[1:]
+                if (info.description or "").startswith(RESYNC_BACKUP)
+                and info.created_at < time.time() - keep_for
+            ]
+            for name in old:
+                backups.remove(name)
+            return old
+
+        async with self._lock:
+            removed = await trio.to_thread.run_sync(expire)
+        if removed:
+            _log.info("backups taken before a resync removed (backup_retention)",
+                      backups=removed)  # fmt: skip
+        return removed
+
+    def _backups(self) -> BackupStore:
+        if self.backups is None:
+            raise ControlError(
+                409, "backups are not enabled", "set state.backup.enabled and its directory"
+            )
+        return self.backups
+
+    # -- a disk that refuses writes --------------------------------------------------------
+
+    def write_failed(self, error: BaseException, where: str) -> bool:
+        """Called with an error from a write: True when it means the disk refuses writes, in
+        which case replication pauses until a probe write succeeds."""
+        if not is_write_failure(error):
+            return False
+        if self.degraded is None:
+            self.degraded = {"since": time.time(), "error": str(error), "where": where}
+            self.writable = trio.Event()
+            self.node.alarms[_DEGRADED] = (
+                f"writes to the state database fail ({error}): replication paused until they "
+                "succeed again"
+            )
+            _log.error("state database refuses writes: replication paused", error=str(error),
+                       where=where)  # fmt: skip
+            if self._nursery is not None:
+                self._nursery.start_soon(self._probe_until_writable)
+        return True
+
+    async def _probe_until_writable(self) -> None:
+        await self.node.close_links("this node's state database refuses writes")
+        while True:
+            await trio.sleep(_PROBE_INTERVAL)
+            try:
+                await trio.to_thread.run_sync(self._probe, limiter=self.node.apply_limiter)
+            except sqlite3.DatabaseError as error:
+                if not is_write_failure(error):
+                    raise
+                assert self.degraded is not None
+                self.degraded["error"] = str(error)
+                continue
+            break
+        since = self.degraded["since"] if self.degraded else time.time()
+        self.degraded = None
+        self.node.alarms.pop(_DEGRADED, None)
+        self.writable.set()
+        _log.warning("state database takes writes again: replication resumes",
+                     paused_seconds=round(time.time() - since, 1))  # fmt: skip
+
+    def _probe(self) -> None:
+        """Commit a few pages, then free them: each commit must reach the disk (the WAL)."""
+        conn = self.node.applier_store().conn
+        for statement, args in (
+            ("INSERT INTO _repl_probe (data) VALUES (zeroblob(?))", (_PROBE_BYTES,)),
+            ("DELETE FROM _repl_probe", ()),
+        ):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(statement, args)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    async def keep_running(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Run a periodic task that writes; a refused write pauses it (and replication) until
+        the disk takes writes again, instead of stopping the node."""
+        while True:
+            try:
+                await task()
+                return
+            except sqlite3.DatabaseError as error:
+                if not self.write_failed(error, getattr(task, "__name__", "task")):
+                    raise
+                await self.writable.wait()
+
+    # -- reports -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        config = self.node.config.state.backup
+        return {
+            "backups": {
+                "enabled": config.enabled,
+                "directory": config.directory or None,
+                "interval_seconds": config.interval,
+                "encryption": config.encryption,
+                "compression": config.compression,
+                "last_error": self.last_backup_error,
+            },
+            "recovery": None if self.recovery is None else self.recovery.as_dict(),
+            "last_restore": self.last_restore,
+            "restoring": self.restoring,
+            "degraded": self.degraded,
+        }
