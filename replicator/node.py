@@ -260,7 +260,11 @@ class Node:
             )
         self.persistence.backups = backups
         store, self.last_validation, report = open_state(
-            self.store_settings, state.recovery, backups, self._check_persistence
+            self.store_settings,
+            state.recovery,
+            backups,
+            self._check_persistence,
+            has_peers=bool(self.peers),
         )
         self.persistence.recovery = report
         if report is not None and report.needs_full_resync:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable
@@ -78,6 +79,7 @@ class RecoveryReport:
     outcome: str = "in progress"
     restored_from: str | None = None
     needs_full_resync: bool = False
+    kept_copy: str | None = None
 
     def step(self, what: str, **details: Any) -> None:
         self.steps.append({"at": time.time(), "step": what, **details})
@@ -90,6 +92,7 @@ class RecoveryReport:
             "outcome": self.outcome,
             "restored_from": self.restored_from,
             "needs_full_resync": self.needs_full_resync,
+            "kept_copy": self.kept_copy,
             "steps": list(self.steps),
         }
 
@@ -99,6 +102,8 @@ def open_state(
     recovery: StateRecoveryConfig,
     backups: BackupStore | None,
     check: Callable[[Store], None] = lambda store: None,
+    *,
+    has_peers: bool = True,
 ) -> tuple[Store, dict[str, Any] | None, RecoveryReport | None]:
     """Open (and prepare) the state database, validated when ``validate_on_start``; recover
     it when that fails and ``auto_recover`` allows. Returns the store, the last validation and
@@ -118,7 +123,9 @@ def open_state(
     report = RecoveryReport(problem=problem)
     _log.error("state database failed validation at start: recovering", path=settings.path,
                problem=problem)  # fmt: skip
-    store, validation = _recover(settings, recovery, backups, report)
+    report.kept_copy = _keep_a_copy(settings.path)
+    report.step("damaged file copied aside", copy=report.kept_copy)
+    store, validation = _recover(settings, recovery, backups, report, has_peers)
     check(store)
     return store, validation, report
 
@@ -149,6 +156,7 @@ def _recover(
     recovery: StateRecoveryConfig,
     backups: BackupStore | None,
     report: RecoveryReport,
+    has_peers: bool,
 ) -> tuple[Store, dict[str, Any]]:
     deadline = time.monotonic() + recovery.recovery_timeout
     if backups is None:
@@ -183,6 +191,15 @@ def _recover(
         else:
             if attempts == 0:
                 report.step("no backup to restore")
+    if not has_peers:
+        report.outcome = "failed: no good backup and no peer to resync from"
+        raise SchemaError(
+            f"{settings.path} failed validation at start and cannot be recovered: "
+            f"{report.problem}",
+            op="recover",
+            hint="no good backup and no peer to refill it from: the file is left as it is "
+            "(state.recovery.validate_on_start = false starts on it anyway)",
+        )
     schema = settings.schema_sql or _salvage_schema(settings.path)
     if schema is None:
         report.outcome = "failed: no good backup and no schema to start again from"
@@ -249,6 +266,17 @@ def _write_empty_into(path: str, schema: str) -> None:
             _clear(path)
             with contextlib.closing(sqlite3.connect(path)) as conn:
                 empty.backup(conn)
+
+
+def _keep_a_copy(path: str) -> str:
+    """The damaged file (and its WAL) copied aside before anything is written into it: what
+    recovery replaces stays available to whoever investigates."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    copy = f"{path}.damaged-{stamp}"
+    for suffix in ("", "-wal"):
+        with contextlib.suppress(FileNotFoundError):
+            shutil.copyfile(path + suffix, copy + suffix)
+    return copy
 
 
 def _clear(path: str) -> None:

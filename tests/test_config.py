@@ -187,7 +187,6 @@ def test_liveness_timeout_must_exceed_the_heartbeat_interval(tmp_path: Path) -> 
     ("block", "named"),
     [
         ('replication {\n  primary_addr = "192.168.100.1:9001"\n}', "primary_addr"),
-        ('replication {\n  backup_retention = "7d"\n}', "replication.backup_retention"),
         ("state {\n  sync { batch_size = 50 }\n}", "state.sync.batch_size"),
         ('state {\n  sync { sync_timeout = "1m" }\n}', "state.sync.sync_timeout"),
         (
@@ -196,7 +195,6 @@ def test_liveness_timeout_must_exceed_the_heartbeat_interval(tmp_path: Path) -> 
             "manual_resolution.approvers",
         ),
         ("replication {\n  transformations = { compress_data = false }\n}", "compress_data"),
-        ('state {\n  backup { enabled = true\n directory = "b" }\n}', "state.backup.enabled"),
     ],
 )
 def test_settings_of_features_not_built_are_named_before_start(

@@ -51,7 +51,36 @@ def test_a_database_that_fails_validation_is_not_served(tmp_path: Path) -> None:
             " VALUES (999, 'node9', 1, 7, 1, 1)"
         )
     conn.close()
+    no_recovery = config_file(tmp_path, "recovery { auto_recover = false }")
     with pytest.raises(SchemaError, match="failed validation at start: log holds node9#1:7"):
-        Node(load_config(path))._prepare()
+        Node(load_config(no_recovery))._prepare()
     unchecked = config_file(tmp_path, "recovery { validate_on_start = false }")
     Node(load_config(unchecked))._prepare()  # the operator may choose to start anyway
+    alone = Node(load_config(config_file(tmp_path)))  # no backup and no peer: left as it is
+    with pytest.raises(SchemaError, match="no good backup and no peer to refill it from"):
+        alone._prepare()
+    assert list(tmp_path.glob("state.db.damaged-*"))  # copied aside before anything else
+    with_peer = config_file(tmp_path)
+    peer = 'peers = [{ id = "node2", address = "127.0.0.2:9" }]'
+    with_peer.write_text(with_peer.read_text().replace('node_id = "node1"',
+                                                       f'node_id = "node1"\n  {peer}'))  # fmt: skip
+    node = Node(load_config(with_peer))  # no backup: emptied, for a full resync from node2
+    store = node._prepare()
+    assert node.persistence.recovery is not None
+    assert node.persistence.recovery.needs_full_resync
+    assert store.conn.execute("SELECT count(*) FROM _repl_log").fetchone() == (0,)
+    assert node.last_validation is not None
+    assert node.last_validation["ok"]
+
+
+def test_backup_before_resync_needs_backups(tmp_path: Path) -> None:
+    path = config_file(tmp_path)
+    path.write_text(
+        path.read_text().replace(
+            'node_id = "node1"', 'node_id = "node1"\n  backup_before_resync = true'
+        )
+    )
+    with pytest.raises(
+        ConfigError, match=r"replication\.backup_before_resync: needs state\.backup"
+    ):
+        Node(load_config(path))._prepare()

@@ -158,7 +158,9 @@ def test_a_node_started_on_a_corrupted_file_restores_its_newest_backup_and_catch
     state = b.api("GET", "/api/state/status")[1]
     assert state["recovery"]["restored_from"] is not None
     assert "restored from backup" in state["recovery"]["outcome"]
-    assert [step["step"] for step in state["recovery"]["steps"]][:1] == ["restoring backup"]
+    steps = [step["step"] for step in state["recovery"]["steps"]]
+    assert steps[:2] == ["damaged file copied aside", "restoring backup"]
+    assert Path(state["recovery"]["kept_copy"]).exists()
     wait_until(lambda: macs(b) == early | late, timeout=30, what="b to catch up from a")
     wait_until(lambda: a.rows("dhcp_leases") == b.rows("dhcp_leases"), what="identical rows")
     assert b.api("POST", "/api/state/validate")[1]["ok"]
