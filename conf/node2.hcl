@@ -10,6 +10,12 @@ state {
     journal_mode = "WAL"
     synchronous  = "NORMAL"
   }
+  backup {
+    enabled   = true
+    directory = "/var/tmp/replicator/node2/backups"
+    interval  = "1h"
+    retention = { hourly = 24, daily = 7, weekly = 4 }
+  }
   recovery {
     auto_recover      = true
     validate_on_start = true

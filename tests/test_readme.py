@@ -46,3 +46,5 @@ def test_the_pair_guide_replicates_a_lease_and_shows_the_pair() -> None:
     assert "02:00:00:00:00:01|10.0.0.10" in out  # read back from node2's file
     assert "node1" in out  # status --verbose of node2 lists its peer
     assert '"peers"' in out  # the lag answer from node1's socket, through curl
+    assert "created" in out  # backup create
+    assert "after the first lease" in out  # ...and it is listed
