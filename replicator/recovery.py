@@ -194,8 +194,7 @@ def _recover(
     if not has_peers:
         report.outcome = "failed: no good backup and no peer to resync from"
         raise SchemaError(
-            f"{settings.path} failed validation at start and cannot be recovered: "
-            f"{report.problem}",
+            f"{settings.path} failed validation at start and cannot be recovered: {report.problem}",
             op="recover",
             hint="no good backup and no peer to refill it from: the file is left as it is "
             "(state.recovery.validate_on_start = false starts on it anyway)",
