@@ -111,6 +111,8 @@ class SnapshotProgress:
             "total_rows": self.total_rows,
             "bytes": self.bytes,
             "percent": round(min(percent, 100.0), 1),
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
             "seconds": round(end - self.started_at, 3),
             "error": self.error,
         }
