@@ -27,3 +27,12 @@ CREATE TABLE IF NOT EXISTS config_history (
     description TEXT,
     PRIMARY KEY (node_id, config_hash)
 );
+-- The applications' key-value store (replicator.state.StateStore): values are msgpack,
+-- expires_at is unix milliseconds (NULL: never). Replicated where replication.data lists it.
+CREATE TABLE IF NOT EXISTS state_kv (
+    scope      TEXT    NOT NULL,
+    key        TEXT    NOT NULL,
+    value      BLOB    NOT NULL,
+    expires_at INTEGER,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID;

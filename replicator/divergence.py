@@ -26,6 +26,7 @@ import msgpack
 from protocol import BUCKETS, Origin, RowVersion, SnapshotRow
 from protocol.checks import SqlValue
 from replicator.rows import decode_row, key_sql, parse_key, quote_identifier
+from replicator.state import expiry
 from replicator.tables import TableInfo
 
 if TYPE_CHECKING:
@@ -163,16 +164,22 @@ def compute(
     found: dict[str, TableCheck] = {}
     for name, info in sorted(tables.items()):
         check = found[name] = TableCheck()
+        versioned = 0
+        # Expired state-store keys some node may have purged: replicated data says which.
+        expired_before = expiry.checksum_cutoff(conn, info)
         for stored_key, stored, recorded in versioned_rows(conn, info, origin):
             key, row = stored_key, stored
             if row.version.hlc == 0:
                 check.unversioned += 1
                 continue
+            versioned += 1
             assert row.values is not None
             if recorded == TAMPERED:
                 check.marked.append(key)
             elif recorded is not None and recorded != content_hash(row.values):
                 check.tampered.append(key)
+            if expired_before is not None and expiry.left_out(row.values, expired_before):
+                continue
             if view is not None:
                 shared, key = view.shared_row(name, stored, key, conn)
                 if shared is None:
@@ -182,7 +189,7 @@ def compute(
         (live,) = conn.execute(
             "SELECT count(*) FROM _repl_rowmeta WHERE tbl = ? AND NOT deleted", (name,)
         ).fetchone()
-        if live > check.rows:
+        if live > versioned:
             gone = _missing_rows(conn, info)
             check.missing = [key for key, recorded in gone if recorded != TAMPERED]
             check.marked += [key for key, recorded in gone if recorded == TAMPERED]

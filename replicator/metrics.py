@@ -106,6 +106,7 @@ def _families(report: Mapping[str, Any]) -> Iterable[Metric]:
     yield from _snapshot_families(node, _mappings(report.get("snapshots")))
     yield from _divergence_families(node, _mapping(report.get("divergence")))
     yield from _conflict_families(node, report)
+    yield from _store_families(node, report.get("state_store"))
 
 
 def _node_families(node: str, report: Mapping[str, Any]) -> Iterable[Metric]:
@@ -307,3 +308,27 @@ def _conflict_families(node: str, report: Mapping[str, Any]) -> Iterable[Metric]
     )
     _add(quarantined, [node], report.get("quarantined"))
     yield quarantined
+
+
+def _store_families(node: str, store: object) -> Iterable[Metric]:
+    """The applications' state store (replicator.state), when this file has one."""
+    if not isinstance(store, Mapping):
+        return
+    counted = (
+        ("reads", "Reads (get, keys, items) made by the applications' state stores."),
+        ("writes", "Keys written by the applications' state stores."),
+        ("deletes", "Deletes made by the applications' state stores."),
+        ("hits", "State store gets that found a live key."),
+        ("misses", "State store gets that found no live key."),
+    )
+    for name, doc in counted:
+        family = _counter(f"replicator_store_{name}_total", doc)
+        _add(family, [node], store.get(name))
+        yield family
+    ratio = _gauge("replicator_store_hit_ratio", "Share of state store gets that found a key.")
+    _add(ratio, [node], store.get("hit_ratio"))
+    keys = _gauge("replicator_store_keys", "Live (unexpired) keys in the state store.")
+    _add(keys, [node], store.get("keys"))
+    size = _gauge("replicator_store_bytes", "Bytes of the live values in the state store.")
+    _add(size, [node], store.get("bytes"))
+    yield from (ratio, keys, size)

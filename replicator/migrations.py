@@ -12,7 +12,7 @@ import time
 
 from replicator.errors import SchemaError
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate", "split_statements"]
 
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (
@@ -196,6 +196,24 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        7,
+        "state store metrics",
+        """
+        -- Counters of each application process's state store (replicator.state), published
+        -- here so the node's /metrics can sum them; closed stores fold into instance ''.
+        CREATE TABLE _repl_store_metrics (
+            instance   TEXT    PRIMARY KEY,
+            pid        INTEGER NOT NULL,
+            reads      INTEGER NOT NULL,
+            writes     INTEGER NOT NULL,
+            deletes    INTEGER NOT NULL,
+            hits       INTEGER NOT NULL,
+            misses     INTEGER NOT NULL,
+            updated_at REAL    NOT NULL
+        ) WITHOUT ROWID;
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -233,7 +251,7 @@ def migrate(conn: sqlite3.Connection) -> int:
             if _current_version(conn) >= number:  # another process migrated meanwhile
                 conn.execute("COMMIT")
                 continue
-            for statement in _statements(script):
+            for statement in split_statements(script):
                 conn.execute(statement)
             conn.execute(
                 "INSERT INTO _repl_migrations (version, name, applied_at) VALUES (?, ?, ?)",
@@ -246,7 +264,7 @@ def migrate(conn: sqlite3.Connection) -> int:
     return SCHEMA_VERSION
 
 
-def _statements(script: str) -> list[str]:
+def split_statements(script: str) -> list[str]:
     """Split a migration into statements (executescript would commit on its own)."""
     statements, buffer = [], ""
     for line in script.splitlines(keepends=True):

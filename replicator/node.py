@@ -57,6 +57,7 @@ from replicator.recovery import open_state
 from replicator.resolvers import ManualResolver, Resolver, TimestampResolver, make_resolver
 from replicator.resync import Resync
 from replicator.snapshot import SnapshotError
+from replicator.state.counters import node_figures
 from replicator.store import LogRecord, Store, StoreSettings
 
 __all__ = ["Node", "NodeOptions", "unbuilt_settings"]
@@ -176,6 +177,7 @@ class Node:
         self._stopping = False
         self._divergence_lock = threading.Lock()
         self._counts: dict[str, Any] = {"open": 0, "by_table": {}, "quarantined": 0}
+        self._state_store: dict[str, Any] | None = None  # the applications' key-value store
         self.last_validation: dict[str, Any] | None = None
         self.metrics = NodeMetrics(self.status_report)
         self._checkpoints: list[dict[str, Any]] = []
@@ -215,6 +217,7 @@ class Node:
             keep_running = self.persistence.keep_running
             nursery.start_soon(keep_running, self._expire_conflicts_periodically)
             nursery.start_soon(self._watch_log, detector)
+            nursery.start_soon(self._refresh_vector_periodically)
             nursery.start_soon(keep_running, self._truncate_log_periodically)
             if self._wal:
                 nursery.start_soon(keep_running, self._checkpoint_periodically)
@@ -340,6 +343,14 @@ class Node:
                 continue
             with trio.move_on_after(detector.poll_interval):
                 await self._log_changed.wait()
+
+    async def _refresh_vector_periodically(self) -> None:
+        """Heartbeats carry the cached vector; applies refresh it, local commits do not. Read
+        it once per heartbeat so a node that only writes locally still shows where it is (peers
+        compare checksums only at equal vectors)."""
+        while True:
+            await trio.sleep(self.options.link.heartbeat_interval)
+            await trio.to_thread.run_sync(self._vector_now, limiter=self._apply_limiter)
 
     def _announce_log_change(self) -> None:
         changed, self._log_changed = self._log_changed, trio.Event()
@@ -602,7 +613,9 @@ class Node:
 
         def read() -> None:
             self._vector_now()
-            self._counts = _read_counts(self.applier_store().conn)
+            conn = self.applier_store().conn
+            self._counts = _read_counts(conn)
+            self._state_store = node_figures(conn, hlc.wall_clock_ms())
 
         await trio.to_thread.run_sync(read, limiter=self._apply_limiter)
         return self.status_report()
@@ -757,6 +770,7 @@ class Node:
             "checkpoints": self._checkpoints,
             "conflicts": {"open": self._counts["open"], "by_table": self._counts["by_table"]},
             "quarantined": self._counts["quarantined"],
+            "state_store": self._state_store,
         }
 
     async def shutdown(self) -> None:
@@ -865,7 +879,7 @@ class Node:
         self.links[peer_id] = link
         log.info("peer connected", remote=connection.label, dialled_by=dialled_by)
         try:
-            await link.run()
+            await self._run_link(link)
             log.info("peer link closed")
         except PeerDisconnected as error:
             if self._stopping:
@@ -883,6 +897,24 @@ class Node:
                 self._peer_roles.pop(peer_id, None)
                 self._check_split_brain()
             await connection.abort()
+
+    async def _run_link(self, link: Link) -> None:
+        """The link, with a write the disk refused (in a snapshot merge, say) turned into the
+        end of this link and a pause of replication, instead of the end of the node."""
+        try:
+            await link.run()
+        except BaseExceptionGroup as group:
+            refused, rest = group.split(sqlite3.DatabaseError)
+            if refused is None or rest is not None:
+                raise
+            error = _first_leaf(refused)
+            if not self.persistence.write_failed(error, "a peer link"):
+                raise
+            raise PeerDisconnected(f"state database refuses writes: {error}") from None
+        except sqlite3.DatabaseError as error:
+            if not self.persistence.write_failed(error, "a peer link"):
+                raise
+            raise PeerDisconnected(f"state database refuses writes: {error}") from None
 
     async def _exchange_hello(self, connection: PeerConnection) -> Hello:
         vector = await trio.to_thread.run_sync(self._vector_now, limiter=self._apply_limiter)
@@ -1033,6 +1065,12 @@ class _LogReader:
             store.conn.execute("COMMIT")
         # Fewer than asked for: every entry up to the end was looked at.
         return records, (end if len(records) < limit else records[-1].position)
+
+
+def _first_leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def _role_of(hello: Hello) -> str:
