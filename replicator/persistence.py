@@ -116,6 +116,8 @@ class Persistence:
                 origin = await trio.to_thread.run_sync(
                     self._restore_sync, backups, name, limiter=node.apply_limiter
                 )
+                # A link whose Hello was under way when the restore began knows the old file.
+                await node.close_links(f"restored backup {name}")
                 await node.after_restore(origin)
             finally:
                 self.restoring = None
