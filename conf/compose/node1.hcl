@@ -4,7 +4,7 @@
 
 state {
   path   = "/var/lib/replicator/state.db"
-  schema = "schema.sql"
+  schema = "../schema.sql"
   backup {
     enabled   = true
     directory = "/var/backups/replicator"
