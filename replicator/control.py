@@ -90,15 +90,27 @@ async def _listen(path: str) -> trio.SocketListener:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     await _remove_stale(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # the socket file is created 0600, no window where it is not
+    # Bound and listening under a temporary name, then renamed: the path appears only once it
+    # answers, and only with mode 0600 (the umask covers the bind, with no await in between).
+    staging = f"{path}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(staging)
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        await sock.bind(path)
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
-    sock.listen(16)
-    return trio.SocketListener(sock)
+        old_umask = os.umask(0o177)
+        try:
+            raw.bind(staging)
+        finally:
+            os.umask(old_umask)
+        os.chmod(staging, 0o600)
+        raw.listen(16)
+        os.rename(staging, path)
+    except BaseException:
+        raw.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        raise
+    return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
 
 
 async def _remove_stale(path: str) -> None:
