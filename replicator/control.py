@@ -92,19 +92,26 @@ async def _listen(path: str) -> trio.SocketListener:
     await _remove_stale(path)
     # Bound and listening under a temporary name, then renamed: the path appears only once it
     # answers, and only with mode 0600 (the umask covers the bind, with no await in between).
-    staging = f"{path}.{os.getpid()}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(staging)
+    staging = os.path.join(directory, f".{os.getpid()}.sock")
+    if len(staging) > len(path):  # AF_UNIX paths are short: never longer than the real one
+        staging = path
+    if staging != path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)  # left by a crash of this same pid number
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
     try:
-        old_umask = os.umask(0o177)
-        try:
-            raw.bind(staging)
-        finally:
-            os.umask(old_umask)
+        raw.bind(staging)
+    except BaseException:
+        raw.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    try:
         os.chmod(staging, 0o600)
         raw.listen(16)
-        os.rename(staging, path)
+        if staging != path:
+            os.rename(staging, path)
     except BaseException:
         raw.close()
         with contextlib.suppress(FileNotFoundError):

@@ -37,6 +37,14 @@ def start_demo(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
+def stop(demo: subprocess.Popen[str]) -> None:
+    """Whatever the test saw: no process and no open pipe left behind."""
+    demo.kill()
+    demo.wait()
+    if demo.stdout is not None:
+        demo.stdout.close()
+
+
 def processes_mentioning(text: str) -> list[str]:
     """Command lines of live processes that name ``text`` (the demo's directory)."""
     found = []
@@ -64,7 +72,7 @@ def test_short_demo_narrates_converges_and_cleans_up(tmp_path: Path) -> None:
     try:
         output, _ = demo.communicate(timeout=90)
     finally:
-        demo.kill()
+        stop(demo)
     assert demo.returncode == 0, output
     said = " ".join(output.split())  # narration is wrapped to the terminal's width
     assert "All three nodes are connected" in said
@@ -92,7 +100,7 @@ def test_ctrl_c_stops_every_process_promptly_and_removes_the_directory(tmp_path:
         demo.send_signal(signal.SIGINT)
         output, _ = demo.communicate(timeout=15)
     finally:
-        demo.kill()
+        stop(demo)
     assert time.monotonic() - interrupted < 10
     assert demo.returncode == 130, output
     assert "Interrupted" in output
