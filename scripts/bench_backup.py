@@ -14,7 +14,9 @@ The state database is built through the project's `Store` with the shipped ``con
 2. ``create`` with lz4 compression and SecretBox encryption;
 3. ``verify`` of the first (re-checksum of the stored file);
 4. ``restore_into`` a live connection (the state file, its `Store` connection kept open), from
-   each backup: checksum, decrypt, decompress, integrity_check, then SQLite's backup API.
+   each backup: checksum, decrypt, decompress, integrity_check, then SQLite's backup API;
+5. the node's restore (`replicator backup restore`): the same, plus replicator's invariants
+   checked on the copy and a new incarnation written into it before it goes in.
 
 Peak RSS of the process is printed after the build and at the end: the backup steps stream in
 1 MiB chunks, so it should barely move whatever the size of the database.
@@ -41,6 +43,7 @@ from typing import TypeVar
 from replicator.backup import BackupInfo, BackupStore
 from replicator.config import BackupConfig, Retention
 from replicator.log import configure
+from replicator.recovery import restore_backup
 from replicator.store import Store, StoreSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,6 +175,14 @@ def run(work: Path, rows: int) -> None:
             live.close()
         assert restored == rows, (restored, rows)
         report(label, seconds)
+    # What `replicator backup restore` does in a node: verify, decode, integrity check and
+    # invariants on the copy, a new incarnation, then the backup API into the live file.
+    live = sqlite3.connect(db, isolation_level=None)
+    try:
+        _, seconds = timed(lambda: restore_backup(plain, first.name, store.settings, live))
+    finally:
+        live.close()
+    report("node restore (lz4)", seconds)
     store.close()
     print()
     print(f"peak RSS at the end  {peak_rss_mib():.0f} MiB")
