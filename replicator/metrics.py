@@ -107,6 +107,7 @@ def _families(report: Mapping[str, Any]) -> Iterable[Metric]:
     yield from _divergence_families(node, _mapping(report.get("divergence")))
     yield from _conflict_families(node, report)
     yield from _store_families(node, report.get("state_store"))
+    yield from _persistence_families(node, _mapping(report.get("persistence")))
 
 
 def _node_families(node: str, report: Mapping[str, Any]) -> Iterable[Metric]:
@@ -332,3 +333,28 @@ def _store_families(node: str, store: object) -> Iterable[Metric]:
     size = _gauge("replicator_store_bytes", "Bytes of the live values in the state store.")
     _add(size, [node], store.get("bytes"))
     yield from (ratio, keys, size)
+
+
+def _persistence_families(node: str, persistence: Mapping[str, Any]) -> Iterable[Metric]:
+    """Backups kept, and whether the state file takes writes."""
+    if not persistence:
+        return
+    backups = _mapping(persistence.get("backups"))
+    kept = _gauge("replicator_backups", "Backups of the state database kept in the directory.")
+    _add(kept, [node], backups.get("count"))
+    size = _gauge("replicator_backup_bytes", "Bytes of the backups kept.")
+    _add(size, [node], backups.get("bytes"))
+    newest = _gauge(
+        "replicator_backup_newest_timestamp_seconds", "When the newest backup kept was taken."
+    )
+    _add(newest, [node], backups.get("newest_at"))
+    failures = _counter("replicator_backup_failures", "Scheduled backups that failed.")
+    _add(failures, [node], backups.get("failures"))
+    refused = _gauge(
+        "replicator_state_writes_refused",
+        "1 while the state database refuses writes (disk full, I/O errors): replication paused.",
+    )
+    _add(refused, [node], persistence.get("degraded") is not None)
+    restoring = _gauge("replicator_restoring", "1 while a backup is being restored.")
+    _add(restoring, [node], persistence.get("restoring") is not None)
+    yield from (kept, size, newest, failures, refused, restoring)

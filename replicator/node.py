@@ -771,6 +771,7 @@ class Node:
             "conflicts": {"open": self._counts["open"], "by_table": self._counts["by_table"]},
             "quarantined": self._counts["quarantined"],
             "state_store": self._state_store,
+            "persistence": self.persistence.status(),
         }
 
     async def shutdown(self) -> None:

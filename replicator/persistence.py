@@ -56,6 +56,8 @@ class Persistence:
         self.restoring: str | None = None
         self.last_restore: dict[str, Any] | None = None
         self.last_backup_error: str | None = None
+        self.backup_failures = 0
+        self.kept: dict[str, Any] = {"count": 0, "bytes": 0, "newest_at": None}
         self.writable = trio.Event()
         self.writable.set()
         self._lock = trio.Lock()  # one backup or restore at a time
@@ -64,6 +66,8 @@ class Persistence:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.backups is not None:
+                await self._count_backups()
             if self.backups is not None and self.node.config.state.backup.enabled:
                 nursery.start_soon(self._back_up_on_schedule)
             task_status.started()
@@ -78,9 +82,20 @@ class Persistence:
                 lambda: backups.create(self.node.store_settings.path, description=description)
             )
             removed = await trio.to_thread.run_sync(backups.prune)
+            await self._count_backups()
         _log.info("backup created", backup=info.name, size=info.size,
                   removed_by_retention=len(removed))  # fmt: skip
         return info
+
+    async def _count_backups(self) -> None:
+        """What the backups directory holds, for status and metrics without a disk read."""
+        assert self.backups is not None
+        found = await trio.to_thread.run_sync(self.backups.list)
+        self.kept = {
+            "count": len(found),
+            "bytes": sum(info.size for info in found),
+            "newest_at": found[0].created_at if found else None,
+        }
 
     async def _back_up_on_schedule(self) -> None:
         """Every ``interval`` since the newest backup (one soon after start if it is older)."""
@@ -97,6 +112,7 @@ class Persistence:
                 self.node.alarms.pop("backup", None)
             except Exception as error:  # a failed backup must not stop the node
                 self.last_backup_error = str(error)
+                self.backup_failures += 1
                 self.node.alarms["backup"] = f"scheduled backup failed: {error}"
                 _log.error("scheduled backup failed", error=str(error))
                 await trio.sleep(min(interval, 60.0))
@@ -164,6 +180,7 @@ class Persistence:
 
         async with self._lock:
             removed = await trio.to_thread.run_sync(expire)
+            await self._count_backups()
         if removed:
             _log.info("backups taken before a resync removed (backup_retention)",
                       backups=removed)  # fmt: skip
@@ -255,6 +272,8 @@ class Persistence:
                 "encryption": config.encryption,
                 "compression": config.compression,
                 "last_error": self.last_backup_error,
+                "failures": self.backup_failures,
+                **self.kept,
             },
             "recovery": None if self.recovery is None else self.recovery.as_dict(),
             "last_restore": self.last_restore,

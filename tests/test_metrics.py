@@ -82,6 +82,11 @@ def sample_report() -> dict[str, Any]:
             "by_table": {"dhcp_leases": {"timestamp": {"concurrent": 5, "near_tie": 1}}},
         },
         "quarantined": 4,
+        "persistence": {
+            "backups": {"count": 3, "bytes": 4096, "newest_at": 1.7e9, "failures": 1},
+            "degraded": {"since": 1.7e9, "error": "database or disk is full"},
+            "restoring": None,
+        },
     }
 
 
@@ -166,6 +171,25 @@ def test_snapshot_divergence_and_conflict_series() -> None:
     assert value(samples, "replicator_quarantined_changes", **node) == 4
 
 
+def test_backup_and_write_refusal_series() -> None:
+    _, samples = scrape(NodeMetrics(sample_report))
+    node = {"node": "node1"}
+    assert value(samples, "replicator_backups", **node) == 3
+    assert value(samples, "replicator_backup_bytes", **node) == 4096
+    assert value(samples, "replicator_backup_newest_timestamp_seconds", **node) == 1.7e9
+    assert value(samples, "replicator_backup_failures_total", **node) == 1
+    assert value(samples, "replicator_state_writes_refused", **node) == 1
+    assert value(samples, "replicator_restoring", **node) == 0
+
+    def writable() -> dict[str, Any]:
+        report = sample_report()
+        report["persistence"]["degraded"] = None
+        return report
+
+    _, samples = scrape(NodeMetrics(writable))
+    assert value(samples, "replicator_state_writes_refused", **node) == 0
+
+
 def test_types_and_names_follow_prometheus_conventions() -> None:
     types, samples = scrape(NodeMetrics(sample_report))
     counters = {name for name, kind in types.items() if kind == "counter"}
@@ -178,6 +202,7 @@ def test_types_and_names_follow_prometheus_conventions() -> None:
         "replicator_repairs_requested",
         "replicator_rows_repaired",
         "replicator_conflicts",
+        "replicator_backup_failures",
     }
     assert all(kind in {"counter", "gauge"} for kind in types.values())
     assert all(name.startswith("replicator_") for name in types)
