@@ -8,6 +8,7 @@ from protocol.crypto import PROTOCOL_VERSION, Keyring, key_id, stretch_passphras
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.messages import (
     BUCKETS,
+    WITHHELD,
     Ack,
     Change,
     Changes,
@@ -41,6 +42,7 @@ from protocol.session import (
 __all__ = [
     "BUCKETS",
     "PROTOCOL_VERSION",
+    "WITHHELD",
     "Ack",
     "Change",
     "Changes",

@@ -130,10 +130,15 @@ class SnapshotTable:
     row_count: int
 
 
+WITHHELD = -1  # SnapshotRow.seq of a row named but not offered
+
+
 @dataclass(frozen=True, slots=True)
 class SnapshotRow:
     """A row with its version; ``values`` is None for a tombstone (a deleted row's version).
-    ``seq`` is the origin sequence that wrote the version (0: not known)."""
+    ``seq`` is the origin sequence that wrote the version (0: not known), or `WITHHELD`: the
+    sender holds the row but found it edited behind replication's back, so it names the row
+    (its key and version) without offering its content."""
 
     pk: tuple[SqlValue, ...]
     values: Mapping[str, SqlValue] | None
@@ -563,7 +568,7 @@ class SnapshotChunk:
                     _pk_from_wire(pk, "SnapshotChunk primary key"),
                     None if values is None else want_row(values, "SnapshotChunk row"),
                     _version_from_wire(version, "SnapshotChunk version", origins),
-                    want_int(seq, "SnapshotChunk row sequence"),
+                    want_int(seq, "SnapshotChunk row sequence", low=WITHHELD),
                 )
             )
         return cls(

@@ -265,7 +265,13 @@ class Link:
                 _merge(self._have, vector)
                 continue
             if self._repairs:
-                reason, buckets = self._repairs.pop(0)
+                # Requests queued while a repair was sent: the newest buckets of each table
+                # say all there is to mend, so they go out as one.
+                reason = self._repairs[-1][0]
+                buckets: dict[str, bytes] = {}
+                for _, asked in self._repairs:
+                    buckets.update(asked)
+                self._repairs.clear()
                 await self._snapshots.send(self.connection, self.peer, reason, buckets)
             records, read_through = await self._read_log(position, self.settings.batch_size)
             if not records:

@@ -107,6 +107,7 @@ class Resync:
             random.getrandbits(62),
             repair,
             self._view(),
+            known=self.checksums if repair else None,
         )
         _log.info("sending a snapshot", reason=reason, **{KEY_PEER: peer})
         try:
@@ -255,6 +256,13 @@ class Resync:
         if mine is None or not self._links:
             return
         peer = sorted(self._links)[0]
+        now = time.monotonic()
+        # One request per cooldown: a repair under way is not asked for again each pass.
+        tables = [t for t in tables if self._asked.get((peer, t), -1e9) + self._cooldown <= now]
+        if not tables:
+            return
+        for table in tables:
+            self._asked[peer, table] = now
         self.repairs_requested += 1
         buckets = {table: mine.tables[table].bucket_bytes() for table in tables}
         await self._links[peer].ask_repair("rows edited behind replication's back", buckets)

@@ -30,6 +30,7 @@ import msgpack
 
 from protocol import (
     BUCKETS,
+    WITHHELD,
     Origin,
     RowVersion,
     SnapshotBegin,
@@ -42,6 +43,7 @@ from protocol.checks import SqlValue
 from replicator.applier import Applier, delete_sql, upsert_sql
 from replicator.divergence import (
     TAMPERED,
+    Checksums,
     compute,
     content_hash,
     fold,
@@ -65,9 +67,6 @@ __all__ = [
 
 _log = get_logger("snapshot")
 CHUNK_ROWS = 1000
-WITHHELD = -1
-"""`SnapshotRow.seq` of a row the sender holds but cannot vouch for (edited behind
-replication's back there): no values, and not to be taken as deleted."""
 CHUNK_BYTES = 1 << 20
 
 
@@ -136,6 +135,7 @@ class SnapshotSource:
         ident: int,
         repair: Mapping[str, bytes] | None = None,
         view: RowFilter | None = None,
+        known: Checksums | None = None,
     ):
         """``repair``: per table, the asker's bucket checksums; only the rows of buckets that
         differ from this node's are sent (a repair), and only of those tables."""
@@ -144,6 +144,7 @@ class SnapshotSource:
         self.ident = ident
         self.repair = dict(repair or {})
         self.view = view  # filters and transformations: peers get only what they share
+        self.known = known  # this node's last checksum pass: reused if still at this vector
         self.ranges: dict[str, set[int]] = {}
         self.path = f"{settings.path}.snapshot-{ident}"
         self._conn: sqlite3.Connection | None = None
@@ -189,7 +190,15 @@ class SnapshotSource:
             conn.execute("SELECT COALESCE(MAX(seq), 0) FROM _repl_log").fetchone()[0]
         )
         if self.repair:
-            mine = compute(conn, self.tables, self.vector, self.origin, self.view).tables
+            known = self.known
+            if (
+                known is not None
+                and _held(known.vector) == _held(self.vector)
+                and all(name in known.tables for name in self.tables)
+            ):
+                mine = known.tables  # nothing changed since the last pass: no full scan
+            else:
+                mine = compute(conn, self.tables, self.vector, self.origin, self.view).tables
             self.ranges = {
                 name: mine[name].differing(theirs) for name, theirs in self.repair.items()
                 if name in mine
@@ -717,3 +726,7 @@ def _version_params(table: str, key: str, row: SnapshotRow) -> tuple[Any, ...]:
         None if row.values is None else content_hash(row.values),
         row.seq or None,
     )
+
+
+def _held(vector: Mapping[Origin, int]) -> dict[Origin, int]:
+    return {origin: seq for origin, seq in vector.items() if seq}

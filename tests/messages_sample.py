@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from protocol import (
+    WITHHELD,
     Ack,
     Change,
     Changes,
@@ -98,6 +99,8 @@ def every_message() -> list[Message]:
             (
                 SnapshotRow(("02:00:00:00:00:01",), dict(EVERY_VALUE), RowVersion(9, NODE1, 1), 7),
                 SnapshotRow(("02:00:00:00:00:02",), None, RowVersion(10, NODE2, 4)),
+                # Named but withheld: edited behind replication's back at the sender.
+                SnapshotRow(("02:00:00:00:00:03",), None, RowVersion(11, NODE1, 1), WITHHELD),
             ),
         ),
         SnapshotEnd(5, {"dhcp_leases": b"\x00" * 32}, 2),
