@@ -185,6 +185,7 @@ class Node:
         self.persistence = Persistence(self, None)
         self._pull_full_from_a_peer: str | None = None
         self._link_ended = trio.Event()
+        self._lacking_since: dict[str, float] = {}  # peers not connected and missing changes
 
     # -- the tree --------------------------------------------------------------------------
 
@@ -383,8 +384,7 @@ class Node:
         max_lag = self.config.replication.sync.max_lag
         while True:
             for peer_id in self.peers:
-                link = self.links.get(peer_id)
-                lag = link.lag_seconds if link is not None else 0.0
+                lag = self._lag_seconds(peer_id)
                 name = f"max_lag:{peer_id}"
                 if lag > max_lag:
                     if name not in self.alarms:
@@ -396,6 +396,19 @@ class Node:
                 elif self.alarms.pop(name, None) is not None:
                     _log.info("replication lag back under max_lag", **{KEY_PEER: peer_id})
             await trio.sleep(min(1.0, max_lag / 2))
+
+    def _lag_seconds(self, peer_id: str) -> float:
+        """How long the peer has been missing changes: the oldest unacknowledged batch while
+        connected; while not, since this node first saw it lacking something."""
+        link = self.links.get(peer_id)
+        if link is not None:
+            self._lacking_since.pop(peer_id, None)
+            return link.lag_seconds
+        position = self._detector.position if self._detector is not None else 0
+        if position <= self.status[peer_id].acked_position:
+            self._lacking_since.pop(peer_id, None)
+            return 0.0
+        return time.monotonic() - self._lacking_since.setdefault(peer_id, time.monotonic())
 
     async def _checkpoint_periodically(self) -> None:
         """Copy the WAL back into the database file off the apply path (PASSIVE: never
@@ -729,7 +742,7 @@ class Node:
         peers = []
         for peer_id, status in self.status.items():
             link = self.links.get(peer_id)
-            lag = link.lag_seconds if link is not None else 0.0
+            lag = self._lag_seconds(peer_id)
             peers.append(
                 {
                     "id": peer_id,

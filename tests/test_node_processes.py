@@ -551,6 +551,26 @@ def test_lag_beyond_max_lag_raises_an_alarm_that_clears_when_the_peer_catches_up
     wait_until(lambda: node1.status()["alarms"] == [], what="the alarm to clear")
 
 
+def test_a_peer_that_is_down_while_changes_wait_shows_lag_and_raises_the_alarm(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1, node2 = start_pair(tmp_path, nodes, max_lag="1s")
+    node2.app()
+    wait_until(lambda: node1.status()["peers"][0]["state"] == "connected", what="the link")
+    node2.stop()
+    wait_until(lambda: node1.status()["peers"][0]["state"] != "connected", what="node2 gone")
+    assert node1.status()["peers"][0]["lag_seconds"] == 0  # down, but it lacks nothing yet
+    node1.app().execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('d', '10.0.0.4', 1)")
+    wait_until(lambda: any("max_lag" in alarm for alarm in node1.status()["alarms"]),
+               what="the lag alarm for a peer that is down")  # fmt: skip
+    peer = node1.status()["peers"][0]
+    assert peer["lag_changes"] >= 1
+    assert peer["lag_seconds"] > 1
+    node2.start([node1])
+    wait_until(lambda: node2.count("dhcp_leases") == 1, what="node2 to catch up")
+    wait_until(lambda: node1.status()["alarms"] == [], what="the alarm to clear")
+
+
 def test_silent_peer_is_dropped_after_the_liveness_timeout_and_rejoins(
     tmp_path: Path, nodes: list[NodeProcess]
 ) -> None:
