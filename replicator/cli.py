@@ -408,7 +408,7 @@ def _peer_table(
     # A last error is history once the link is up again: in the short view only for peers
     # that are not connected, in the verbose view always.
     errors = [
-        (peer["id"], peer["last_error"])
+        (peer["id"], _error_text(peer))
         for peer in peers
         if peer.get("last_error") and (verbose or peer["state"] != "connected")
     ]
@@ -418,12 +418,21 @@ def _peer_table(
     return lines
 
 
+def _error_text(peer: Json) -> str:
+    """The peer's last error, with how long ago it happened (it stays after a reconnect)."""
+    at = peer.get("last_error_at")
+    when = "" if at is None else f" ({fmt.ago(max(0.0, time.time() - at))})"
+    return f"{peer['last_error']}{when}"
+
+
 def _lag_time(peer: Json) -> str:
-    """How long the oldest unacknowledged batch has waited: measured on a live link only, so
-    a peer that is not connected shows "-" rather than a reassuring 0ms."""
-    if peer["state"] != "connected":
+    """How long the peer has been missing changes: the oldest unacknowledged batch on a live
+    link, or since a change first waited for a peer that is down. A peer that is down and
+    lacks nothing shows "-" rather than a reassuring 0ms."""
+    lag = peer.get("lag_seconds")
+    if peer["state"] != "connected" and not lag:
         return fmt.NONE
-    return fmt.duration(peer.get("lag_seconds"))
+    return fmt.duration(lag)
 
 
 def _throughput(report: Json, earlier: Json | None) -> dict[str, tuple[str, str]] | None:
@@ -1562,7 +1571,7 @@ def _debug_lines(info: Json) -> list[str]:
              else f"#{checkpoint['id']} {fmt.local_time(checkpoint['taken_at'])}: acked "
                   f"{fmt.count(checkpoint.get('acked_position'))}"),
             ("alarms", len(info["alarms"]) or "none"),
-            ("last error", fmt.opt(peer.get("last_error"))),
+            ("last error", _error_text(peer) if peer.get("last_error") else fmt.NONE),
         ]
     )  # fmt: skip
     lines += ["", _section("Snapshots")]

@@ -75,6 +75,10 @@ class PeerStatus:
     changes_sent: int = 0
     changes_received: int = 0
     last_error: str | None = None
+    last_error_at: float | None = None
+
+    def failed(self, error: str) -> None:
+        self.last_error, self.last_error_at = error, time.time()
 
 
 # (after, limit) -> (entries for the peer, the position read through: entries left out

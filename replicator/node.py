@@ -341,6 +341,9 @@ class Node:
             moved = await dbcall.call(detector.conn, limiter, detector.poll_position, inline=True)
             if moved is not None:
                 self._announce_log_change()
+                for peer_id in self.peers:  # lag of a peer that is down starts now
+                    if peer_id not in self.links:
+                        self._lag_seconds(peer_id)
                 continue
             with trio.move_on_after(detector.poll_interval):
                 await self._log_changed.wait()
@@ -763,6 +766,7 @@ class Node:
                     "changes_received": status.changes_received,
                     "in_flight_batches": link.in_flight if link is not None else 0,
                     "last_error": status.last_error,
+                    "last_error_at": status.last_error_at,
                 }
             )
         return {
@@ -823,7 +827,7 @@ class Node:
                     peer.host, peer.port, self._peer_settings, use_previous_key=use_previous
                 )
             except PeerDisconnected as error:
-                self.status[peer_id].last_error = error.message
+                self.status[peer_id].failed(error.message)
                 if self.status[peer_id].state == "connecting":
                     self.status[peer_id].state = "disconnected"
                 # During a key rotation the peer may hold only the previous key.
@@ -899,7 +903,7 @@ class Node:
             if self._stopping:
                 log.info("peer link closed", reason="node shutting down")
             else:
-                self.status[peer_id].last_error = error.message
+                self.status[peer_id].failed(error.message)
                 log.warning("peer disconnected", reason=error.message)
         finally:
             if self.links.get(peer_id) is link:  # not replaced by a preferred connection
