@@ -314,7 +314,7 @@ class ControlApi:
             "size_bytes": _size(path),
             "wal_bytes": _size(f"{path}-wal"),
             **stats,
-            "backups": await self._backup_summary(),
+            "backups": self._backup_summary(),
         })  # fmt: skip
 
     async def state_save(self, request: Request) -> Response:
@@ -342,16 +342,16 @@ class ControlApi:
         return Response(200, {"bytes_before": before, "bytes_after": _size(path),
                               "log_entries_removed": removed})  # fmt: skip
 
-    async def _backup_summary(self) -> dict[str, Any]:
-        backups = self.node.persistence.backups
-        if backups is None:
+    def _backup_summary(self) -> dict[str, Any]:
+        persistence = self.node.persistence
+        if persistence.backups is None:
             return {"enabled": False, "count": 0, "last": None}
-        found = await trio.to_thread.run_sync(backups.list)
+        newest = persistence.newest
         return {
             "enabled": True,
-            "count": len(found),
-            "last": _backup_json(found[0]) if found else None,
-            "bytes": sum(info.size for info in found),
+            "count": persistence.kept["count"],
+            "last": None if newest is None else _backup_json(newest),
+            "bytes": persistence.kept["bytes"],
         }
 
     async def backups(self, request: Request) -> Response:
@@ -370,6 +370,9 @@ class ControlApi:
         description = body.get("description")
         if description is not None and not isinstance(description, str):
             raise ControlError(400, "description must be a string", repr(description))
+        if self.node.persistence.backups is None:
+            raise ControlError(409, "backups are not enabled",
+                               "set state.backup.enabled and its directory")  # fmt: skip
         try:
             info = await self.node.persistence.create(description)
         except BackupError as error:

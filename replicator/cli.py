@@ -31,7 +31,7 @@ from replicator import cli_format as fmt
 from replicator.client import ControlClient, NodeUnreachable, RequestFailed
 from replicator.config import Config, load_config
 from replicator.demo import run_demo
-from replicator.errors import ConfigError, ReplicationError
+from replicator.errors import ConfigError, ReplicationError, first_leaf
 from replicator.log import configure, get_logger
 from replicator.node import Node
 
@@ -156,13 +156,7 @@ def run(config_path: str, log_format: str) -> None:
         matched, _ = group.split(ReplicationError)
         if matched is None:
             raise
-        _fail(_first_leaf(matched))
-
-
-def _first_leaf(error: BaseException) -> BaseException:
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
+        _fail(first_leaf(matched))
 
 
 def _fail(error: BaseException) -> None:

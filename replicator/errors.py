@@ -6,7 +6,14 @@ operator, so a log line or an API error is actionable without reading code.
 
 from __future__ import annotations
 
-__all__ = ["ClockOffsetError", "ConfigError", "ReplicationError", "SchemaError"]
+__all__ = ["ClockOffsetError", "ConfigError", "ReplicationError", "SchemaError", "first_leaf"]
+
+
+def first_leaf(error: BaseException) -> BaseException:
+    """The first error inside (nested) exception groups: the one a nursery's failure was."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 class ReplicationError(Exception):

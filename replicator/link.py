@@ -38,6 +38,7 @@ from protocol import (
 )
 from replicator import hlc
 from replicator.applier import ApplyResult
+from replicator.errors import first_leaf
 from replicator.log import KEY_PEER, get_logger
 from replicator.membership import ClusterView
 from replicator.peer import PeerConnection, PeerDisconnected
@@ -194,10 +195,7 @@ class Link:
             matched, _ = group.split(PeerDisconnected)
             if matched is None:
                 raise
-            first: BaseException = matched
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise first from None
+            raise first_leaf(matched) from None
         finally:
             self.status.bytes_in = self.connection.bytes_received
             self.status.bytes_out = self.connection.bytes_sent

@@ -37,7 +37,7 @@ from replicator.checkpoints import list_checkpoints, take_checkpoint
 from replicator.config import Config
 from replicator.control import serve_control
 from replicator.detector import Detector
-from replicator.errors import ConfigError
+from replicator.errors import ConfigError, first_leaf
 from replicator.filters import RowFilter
 from replicator.history import record_config
 from replicator.link import Link, LinkSettings, PauseSwitch, PeerStatus
@@ -341,8 +341,8 @@ class Node:
             moved = await dbcall.call(detector.conn, limiter, detector.poll_position, inline=True)
             if moved is not None:
                 self._announce_log_change()
-                for peer_id in self.peers:  # lag of a peer that is down starts now
-                    if peer_id not in self.links:
+                if len(self.links) < len(self.peers):  # lag of a peer that is down starts now
+                    for peer_id in self.peers.keys() - self.links.keys():
                         self._lag_seconds(peer_id)
                 continue
             with trio.move_on_after(detector.poll_interval):
@@ -925,7 +925,7 @@ class Node:
             refused, rest = group.split(sqlite3.DatabaseError)
             if refused is None or rest is not None:
                 raise
-            error = _first_leaf(refused)
+            error = first_leaf(refused)
             if not self.persistence.write_failed(error, "a peer link"):
                 raise
             raise PeerDisconnected(f"state database refuses writes: {error}") from None
@@ -1083,12 +1083,6 @@ class _LogReader:
             store.conn.execute("COMMIT")
         # Fewer than asked for: every entry up to the end was looked at.
         return records, (end if len(records) < limit else records[-1].position)
-
-
-def _first_leaf(error: BaseException) -> BaseException:
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
 
 
 def _role_of(hello: Hello) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from replicator.backup import BackupInfo, BackupStore
-from replicator.control import ControlError
+from replicator.errors import ReplicationError
 from replicator.log import get_logger
 from replicator.recovery import RecoveryReport, restore_backup
 
@@ -58,6 +58,7 @@ class Persistence:
         self.last_backup_error: str | None = None
         self.backup_failures = 0
         self.kept: dict[str, Any] = {"count": 0, "bytes": 0, "newest_at": None}
+        self.newest: BackupInfo | None = None
         self.writable = trio.Event()
         self.writable.set()
         self._lock = trio.Lock()  # one backup or restore at a time
@@ -91,6 +92,7 @@ class Persistence:
         """What the backups directory holds, for status and metrics without a disk read."""
         assert self.backups is not None
         found = await trio.to_thread.run_sync(self.backups.list)
+        self.newest = found[0] if found else None
         self.kept = {
             "count": len(found),
             "bytes": sum(info.size for info in found),
@@ -99,11 +101,9 @@ class Persistence:
 
     async def _back_up_on_schedule(self) -> None:
         """Every ``interval`` since the newest backup (one soon after start if it is older)."""
-        backups = self._backups()
         interval = self.node.config.state.backup.interval
         while True:
-            found = await trio.to_thread.run_sync(backups.list)
-            newest = found[0].created_at if found else 0.0
+            newest = self.kept["newest_at"] or 0.0  # counted at start and after each backup
             await trio.sleep(max(0.0, newest + interval - time.time()))
             await self.writable.wait()
             try:
@@ -188,9 +188,10 @@ class Persistence:
 
     def _backups(self) -> BackupStore:
         if self.backups is None:
-            raise ControlError(
-                409, "backups are not enabled", "set state.backup.enabled and its directory"
-            )
+            raise ReplicationError(
+                "backups are not enabled", op="backup",
+                hint="set state.backup.enabled and its directory",
+            )  # fmt: skip
         return self.backups
 
     # -- a disk that refuses writes --------------------------------------------------------

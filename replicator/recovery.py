@@ -245,26 +245,25 @@ def restore_backup(
 
 
 def _write_backup_into(path: str, settings: StoreSettings, backups: BackupStore, name: str) -> None:
-    """A file too broken for SQLite to write into is cleared first."""
-    try:
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            restore_backup(backups, name, settings, conn)
-    except sqlite3.DatabaseError:
-        _clear(path)
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            restore_backup(backups, name, settings, conn)
+    _into_live(path, lambda live: restore_backup(backups, name, settings, live))
 
 
 def _write_empty_into(path: str, schema: str) -> None:
     with contextlib.closing(sqlite3.connect(":memory:")) as empty:
         empty.executescript(schema)
-        try:
-            with contextlib.closing(sqlite3.connect(path)) as conn:
-                empty.backup(conn)
-        except sqlite3.DatabaseError:
-            _clear(path)
-            with contextlib.closing(sqlite3.connect(path)) as conn:
-                empty.backup(conn)
+        _into_live(path, empty.backup)
+
+
+def _into_live(path: str, write: Callable[[sqlite3.Connection], object]) -> None:
+    """``write`` into the live file through a connection to it; a file too broken for SQLite
+    to write into is cleared first."""
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            write(conn)
+    except sqlite3.DatabaseError:
+        _clear(path)
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            write(conn)
 
 
 def _keep_a_copy(path: str) -> str:
