@@ -7,6 +7,7 @@ sees a bool where it expects a sequence number, a list where it expects a column
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from protocol.errors import RemoteProtocolError
@@ -81,12 +82,18 @@ def want_bytes(value: Any, what: str, *, max_len: int) -> bytes:
     return value
 
 
-_SCALAR_TYPES = frozenset({float, str, bytes, type(None)})
+_SCALAR_TYPES = frozenset({str, bytes, type(None)})
 
 
 def want_sql_value(value: Any, what: str) -> SqlValue:
     kind = type(value)
     if kind in _SCALAR_TYPES:
+        return value  # type: ignore[no-any-return]
+    if kind is float:
+        # SQLite stores NaN as NULL, and NaN equals nothing: refused, so no node ever holds
+        # a value another node cannot compare.
+        if math.isnan(value):
+            raise RemoteProtocolError(f"{what}: NaN is not an SQLite value")
         return value  # type: ignore[no-any-return]
     if kind is int:
         if not INT64_MIN <= value <= INT64_MAX:
@@ -105,6 +112,9 @@ def want_row(value: Any, what: str) -> dict[str, SqlValue]:
         kind = type(cell)
         if kind is int:
             if not INT64_MIN <= cell <= INT64_MAX:
+                want_sql_value(cell, f"{what}.{column}")
+        elif kind is float:
+            if math.isnan(cell):
                 want_sql_value(cell, f"{what}.{column}")
         elif kind not in _SCALAR_TYPES:
             want_sql_value(cell, f"{what}.{column}")

@@ -50,7 +50,7 @@ __all__ = [
     "stretch_passphrase",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: SnapshotBegin declares each table's bytes
 KEY_SIZE = 32
 KEY_ID_SIZE = 8
 DH_SIZE = 32

@@ -8,7 +8,7 @@ own code should not have made (sending before the handshake, after goodbye...).
 
 from __future__ import annotations
 
-__all__ = ["LocalProtocolError", "ProtocolError", "RemoteProtocolError"]
+__all__ = ["LocalProtocolError", "MessageTooLarge", "ProtocolError", "RemoteProtocolError"]
 
 
 class ProtocolError(Exception):
@@ -17,6 +17,11 @@ class ProtocolError(Exception):
 
 class LocalProtocolError(ProtocolError):
     """Our side broke the protocol's rules (a bug in the caller, never the peer's doing)."""
+
+
+class MessageTooLarge(LocalProtocolError):
+    """The message would exceed the message or frame cap; nothing was sent and the session is
+    intact, so the caller can cut it smaller."""
 
 
 class RemoteProtocolError(ProtocolError):

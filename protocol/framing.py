@@ -60,6 +60,11 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buffer)
 
+    @property
+    def pending_frame_size(self) -> int:
+        """Header and body size of the frame being buffered (0: its header is not in yet)."""
+        return 0 if self._expected is None else HEADER_SIZE + self._expected
+
     def feed(self, data: bytes) -> None:
         if self._eof:
             if data:

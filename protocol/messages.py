@@ -124,10 +124,15 @@ class Skip:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotTable:
+    """A table a snapshot carries. ``row_count`` and ``max_bytes`` bound what the receiver
+    holds for it until the snapshot ends: at most that many rows, and rows of at most that
+    many bytes in all (msgpack-encoded as a chunk carries them)."""
+
     name: str
     columns: tuple[str, ...]
     primary_key: tuple[str, ...]
     row_count: int
+    max_bytes: int = 0
 
 
 WITHHELD = -1  # SnapshotRow.seq of a row named but not offered
@@ -509,7 +514,10 @@ class SnapshotBegin:
         return [
             self.snapshot_id,
             _vector_to_wire(self.version_vector),
-            [[t.name, list(t.columns), list(t.primary_key), t.row_count] for t in self.tables],
+            [
+                [t.name, list(t.columns), list(t.primary_key), t.row_count, t.max_bytes]
+                for t in self.tables
+            ],
             dict(self.ranges),
         ]
 
@@ -518,8 +526,8 @@ class SnapshotBegin:
         snapshot_id, vector, tables, ranges = _fields(value, cls, 4)
         parsed = []
         for entry in want_list(tables, "SnapshotBegin tables", max_len=MAX_TABLES):
-            name, columns, primary_key, row_count = want_list(
-                entry, "SnapshotBegin table", min_len=4, max_len=4
+            name, columns, primary_key, row_count, max_bytes = want_list(
+                entry, "SnapshotBegin table", min_len=5, max_len=5
             )
             parsed.append(
                 SnapshotTable(
@@ -527,6 +535,7 @@ class SnapshotBegin:
                     _names_from_wire(columns, "SnapshotBegin column", min_len=1),
                     _names_from_wire(primary_key, "SnapshotBegin key column", min_len=1),
                     want_int(row_count, "SnapshotBegin row count"),
+                    want_int(max_bytes, "SnapshotBegin table bytes"),
                 )
             )
         return cls(

@@ -7,10 +7,15 @@
     sock.send(session.send(Heartbeat(...)))
 
 Every transition is in `_TRANSITIONS`; an input a state has no row for is a protocol error. Any
-`ProtocolError` moves the session to `State.ERROR` for good (the one exception is
-`MessageTooLarge`, raised before anything changed so the caller can split the batch): a broken
-or hostile peer never half-works, and the I/O layer just closes the socket. Nothing is ever sent
-to the peer about why.
+exception moves the session to `State.ERROR` for good (the one exception is `MessageTooLarge`,
+raised before anything changed so the caller can cut the batch smaller): a broken or hostile
+peer never half-works, and the I/O layer just closes the socket. Nothing is ever sent to the
+peer about why.
+
+Budgets: until the peer's first message arrives (its Hello), frames are capped at
+``max_hello_size``, so an unknown peer cannot make us buffer a large frame; after it, at
+``max_frame_size``. A message's decoded size is capped so that it always fits one frame even
+uncompressed (``max_message_size``), and its decoded elements at ``max_elements``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ from protocol.crypto import (
     StreamReceiver,
     StreamSender,
 )
-from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocol.errors import (
+    LocalProtocolError,
+    MessageTooLarge,
+    RemoteProtocolError,
+)
 from protocol.framing import FrameDecoder, frame_header
 from protocol.messages import Goodbye, Message, decode_message, encode_message
 
@@ -46,10 +55,6 @@ __all__ = [
     "SessionSettings",
     "State",
 ]
-
-
-class MessageTooLarge(LocalProtocolError):
-    """The message would exceed the frame cap; nothing was sent and the session is intact."""
 
 
 class State(enum.Enum):
@@ -110,23 +115,33 @@ Event = HandshakeComplete | ConnectionClosed | Message
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
     max_frame_size: int = 16 << 20
-    max_message_size: int = 64 << 20
+    max_hello_size: int = 1 << 20
     compress: bool = True
     compress_threshold: int = 512
     rekey_after_messages: int = 1 << 16
     rekey_after_seconds: float = 900.0
+    max_elements: int = codec_module.DEFAULT_MAX_ELEMENTS
 
     def __post_init__(self) -> None:
         if self.max_frame_size <= STREAM_OVERHEAD + codec_module.HEADER_SIZE:
             raise ValueError(f"max_frame_size {self.max_frame_size} is too small")
+        if not self.max_hello_size > STREAM_OVERHEAD + codec_module.HEADER_SIZE:
+            raise ValueError(f"max_hello_size {self.max_hello_size} is too small")
         if self.rekey_after_messages < 1 or self.rekey_after_seconds <= 0:
             raise ValueError("rekey limits must be positive")
+
+    @property
+    def max_message_size(self) -> int:
+        """The largest message body (before compression): one that fits a frame uncompressed,
+        so a message the codec accepts is never too large to send."""
+        return self.max_frame_size - STREAM_OVERHEAD - codec_module.HEADER_SIZE
 
 
 class Session:
     __slots__ = (
         "_clock",
         "_codec",
+        "_first_message",
         "_frames",
         "_handshake",
         "_key_id",
@@ -153,8 +168,12 @@ class Session:
         self._settings = settings
         self._clock = clock
         self._codec = codec_module.Codec(
-            settings.max_message_size, settings.compress, settings.compress_threshold
+            settings.max_message_size,
+            settings.compress,
+            settings.compress_threshold,
+            settings.max_elements,
         )
+        self._first_message = True
         size = HANDSHAKE_MESSAGE_SIZES[_HANDSHAKE_STATES[state]]
         self._frames = FrameDecoder(max_frame_size=size, min_frame_size=size)
         self._outbox = bytearray()
@@ -203,6 +222,11 @@ class Session:
         """True while messages may be sent."""
         return self._state is State.OPEN
 
+    def incomplete_frame(self) -> tuple[int, int]:
+        """(size of the frame being received, 0 if not known yet; bytes of it buffered), so
+        the I/O layer can tell when a read completes a large frame worth decoding elsewhere."""
+        return self._frames.pending_frame_size, self._frames.buffered
+
     def data_to_send(self) -> bytes:
         """Bytes the protocol itself wants written (handshake replies); empties the outbox."""
         data = bytes(self._outbox)
@@ -222,22 +246,32 @@ class Session:
             if self._frames.at_eof:
                 self._advance(_Input.RECEIVE_EOF, remote=True)
                 events.append(ConnectionClosed())
-        except ProtocolError:
+        except BaseException:
             self._fail()
             raise
         return events
 
     def send(self, message: Message) -> bytes:
-        """Seal one message into a frame; ``Goodbye`` ends this direction of the stream."""
+        """Seal one message into a frame; ``Goodbye`` ends this direction of the stream.
+
+        `MessageTooLarge` leaves the session as it was; any other error fails it."""
         self._refuse_if_failed()
+        try:
+            return self._send(message)
+        except MessageTooLarge:
+            raise
+        except BaseException:
+            self._fail()
+            raise
+
+    def _send(self, message: Message) -> bytes:
         goodbye = isinstance(message, Goodbye)
         action = _Input.SEND_GOODBYE if goodbye else _Input.SEND_MESSAGE
         if (self._state, action) not in _TRANSITIONS:
-            self._fail()
             raise LocalProtocolError(f"cannot {action.value} while {self._state.value}")
         plaintext = encode_message(self._codec, message)
         length = len(plaintext) + STREAM_OVERHEAD
-        if length > self._settings.max_frame_size:
+        if length > self._settings.max_frame_size:  # only a codec with other limits gets here
             raise MessageTooLarge(
                 f"{type(message).__name__} of {length} bytes exceeds the "
                 f"{self._settings.max_frame_size}-byte frame cap"
@@ -265,6 +299,11 @@ class Session:
             raise RemoteProtocolError("goodbye must be, and only it may be, the final frame")
         goodbye = isinstance(message, Goodbye)
         self._advance(_Input.RECEIVE_GOODBYE if goodbye else _Input.RECEIVE_MESSAGE, remote=True)
+        if self._first_message:  # the peer has introduced itself: full-size frames from now
+            self._first_message = False
+            self._expect_frames(
+                STREAM_OVERHEAD + codec_module.HEADER_SIZE, self._settings.max_frame_size
+            )
         return message
 
     def _on_handshake_frame(self, frame: bytes) -> Event | None:
@@ -286,7 +325,8 @@ class Session:
         self._handshake = None
         self._last_rekey = self._clock()
         self._expect_frames(
-            STREAM_OVERHEAD + codec_module.HEADER_SIZE, self._settings.max_frame_size
+            STREAM_OVERHEAD + codec_module.HEADER_SIZE,
+            min(self._settings.max_hello_size, self._settings.max_frame_size),
         )
         return HandshakeComplete(self._key_id)
 

@@ -12,8 +12,14 @@ Inside a single ``BEGIN IMMEDIATE`` transaction the applier
    `_repl_log` (with its original origin and sequence, so chains and meshes can forward it), the
    advanced clock and the new vector, then removes the marker and commits.
 
-A change that cannot be applied (an unknown table or column, a UNIQUE violation) goes to the
-quarantine with an alarm instead of blocking the stream; its sequence still counts as received.
+Nothing a peer sends can stop the applier. A change for a table this node does not replicate
+becomes a skip marker in the log: never stored, never forwarded. A malformed change (a key of
+the wrong width, a row without its key columns or contradicting its key, an empty row) goes to
+the quarantine and is logged as a skip marker, so no other node receives it either. A change
+that is well formed but cannot be applied here (an unknown column, a constraint, any SQLite
+error on that one row) goes to the quarantine with an alarm and is still forwarded: it may
+apply elsewhere. Either way its sequence counts as received, so the stream goes on. The
+quarantine holds at most `QUARANTINE_LIMIT` changes; past that they are counted and dropped.
 """
 
 from __future__ import annotations
@@ -27,16 +33,25 @@ from typing import Any
 
 from protocol import Change, Op, Origin, RowVersion, Skip
 from protocol.checks import SqlValue
-from replicator import conflicts, hlc
+from replicator import conflicts, dbcall, hlc
 from replicator.log import KEY_ORIGIN, KEY_SEQ, KEY_TABLE, get_logger
+from replicator.persistence import is_write_failure
 from replicator.resolvers import Resolver, TimestampResolver
 from replicator.rows import encode_row, key_sql, quote_identifier
 from replicator.store import Store
 from replicator.tables import OP_SKIP, TableInfo, inspect_table
 
-__all__ = ["Applier", "ApplyResult", "delete_sql", "upsert_sql"]
+__all__ = [
+    "QUARANTINE_LIMIT",
+    "Applier",
+    "ApplyResult",
+    "delete_sql",
+    "unless_row_error",
+    "upsert_sql",
+]
 
 _log = get_logger("applier")
+QUARANTINE_LIMIT = 10_000
 
 
 @dataclass(slots=True)
@@ -55,6 +70,23 @@ class ApplyResult:
     vector: dict[Origin, int] = field(default_factory=dict)
     held: dict[Origin, int] = field(default_factory=dict)
     """The whole version vector once this batch committed (read in its transaction)."""
+    not_replicated: int = 0
+    """Changes for tables this node does not replicate, logged as skip markers."""
+    malformed: int = 0
+    """Changes refused as malformed (quarantined, logged as skip markers)."""
+
+    def add(self, other: ApplyResult) -> None:
+        """Fold in the result of the next transaction of the same batch."""
+        for name in ("accepted", "written", "duplicates", "own", "conflicts", "near_ties",
+                     "quarantined", "not_replicated", "malformed"):  # fmt: skip
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.queued += other.queued
+        for origin, wanted in other.gaps.items():
+            self.gaps.setdefault(origin, wanted)
+        for origin, seq in other.clock_refused.items():
+            self.clock_refused.setdefault(origin, seq)
+        self.vector.update(other.vector)
+        self.held = other.held
 
 
 @dataclass(slots=True)
@@ -90,19 +122,27 @@ class Applier:
         self.max_clock_offset_ms = max_clock_offset_ms
         self._wall_clock_ms = wall_clock_ms
         self._schema_version = store.schema_version()
+        self.quarantine_limit = QUARANTINE_LIMIT
+        self.quarantine_dropped = 0
+        self._quarantine_room: int | None = None  # room left, counted once per apply
 
     def resolver_for(self, table: str) -> Resolver:
         return self.resolvers.get(table, self.default_resolver)
 
-    def apply(self, changes: Sequence[Change], skips: Sequence[Skip] = ()) -> ApplyResult:
+    def apply(
+        self, changes: Sequence[Change], skips: Sequence[Skip] = (), *, final: bool = True
+    ) -> ApplyResult:
+        """Apply one batch (or, with ``final=False``, a leading part of one: skip markers it
+        does not reach yet are left for the next part instead of reported as gaps)."""
         store = self.store
         conn = store.conn
         result = ApplyResult()
+        self._quarantine_room = None
         store.begin_immediate()
         try:
             self._follow_schema_changes()
             conn.execute("INSERT INTO _repl_applying (marker) VALUES (1)")
-            self._apply_locked(conn, changes, skips, result)
+            self._apply_locked(conn, changes, skips, result, final)
             conn.execute("DELETE FROM _repl_applying")
             result.held = store.version_vector()
             store.commit()
@@ -131,12 +171,13 @@ class Applier:
         changes: Sequence[Change],
         skips: Sequence[Skip],
         result: ApplyResult,
+        final: bool = True,
     ) -> None:
         own = self.store.clock().origin
         origins = {change.origin for change in changes} | {skip.origin for skip in skips}
         origins.discard(own)
         progress = _load_progress(conn, origins)
-        accepted, log_skips = self._admit(changes, skips, own, progress, result)
+        accepted, log_skips = self._admit(changes, skips, own, progress, result, final)
         if not accepted and not log_skips:
             return
         metas = _load_metas(conn, accepted)
@@ -152,10 +193,20 @@ class Applier:
         highest = 0
         for change, info, key in accepted:
             position += 1
+            if info is None:  # not replicated here: a marker keeps the sequence whole
+                result.not_replicated += 1
+                log_rows.append(_skip_row(position, Skip(change.origin, change.seq, change.seq)))
+                continue
+            problem = _malformed(change, info)
+            if problem is not None:
+                result.malformed += 1
+                self._quarantine(conn, change, key, problem, result)
+                log_rows.append(_skip_row(position, Skip(change.origin, change.seq, change.seq)))
+                continue
             highest = max(highest, change.version.hlc)
             log_rows.append(_log_row(position, change, key))
-            if info is None or not _columns_known(change, column_sets[info.name]):
-                self._quarantine(conn, change, key, "unknown table or column", result)
+            if not _columns_known(change, column_sets[info.name]):
+                self._quarantine(conn, change, key, "unknown column", result)
                 continue
             if change.resolves is not None:
                 conflicts.close_resolved(conn, change.resolves, f"resolved on {change.origin}")
@@ -185,6 +236,7 @@ class Applier:
         own: Origin,
         progress: dict[Origin, int],
         result: ApplyResult,
+        final: bool = True,
     ) -> tuple[list[tuple[Change, TableInfo | None, str]], list[Skip]]:
         """Filter the batch into what applies now, keeping the sender's order.
 
@@ -233,7 +285,7 @@ class Applier:
             if origin == own or origin in stopped:
                 continue
             have = _take_skips(waiting, origin, progress, log_skips)
-            if queue:  # a skip that starts beyond what we hold
+            if queue and final:  # a skip that starts beyond what we hold
                 result.gaps[origin] = have + 1
         result.accepted = len(accepted)
         return accepted, log_skips
@@ -329,14 +381,17 @@ class Applier:
             params = [_params(member, shape) for member in members]
             try:
                 conn.executemany(sql, params)
-            except sqlite3.IntegrityError:
+            except sqlite3.Error as error:
+                unless_row_error(conn, error)
                 # Find the culprits one by one; rewriting the others is idempotent.
                 for member, values in zip(members, params, strict=True):
                     try:
                         conn.execute(sql, values)
-                    except sqlite3.IntegrityError as error:
+                    except sqlite3.Error as row_error:
+                        unless_row_error(conn, row_error)
                         failed.add((member.change.table, member.key))
-                        self._quarantine(conn, member.change, member.key, str(error), result)
+                        reason = f"{type(row_error).__name__}: {row_error}"
+                        self._quarantine(conn, member.change, member.key, reason, result)
         result.written = len(winners) - len(failed)
         return failed
 
@@ -349,6 +404,18 @@ class Applier:
         result: ApplyResult,
     ) -> None:
         result.quarantined += 1
+        if self._quarantine_room is None:
+            (held,) = conn.execute("SELECT count(*) FROM _repl_quarantine").fetchone()
+            self._quarantine_room = self.quarantine_limit - held
+        if self._quarantine_room <= 0:
+            self.quarantine_dropped += 1
+            if self.quarantine_dropped == 1 or self.quarantine_dropped % 1000 == 0:
+                _log.error("quarantine full: change dropped", reason=reason,
+                           dropped=self.quarantine_dropped, limit=self.quarantine_limit,
+                           **{KEY_TABLE: change.table, KEY_ORIGIN: str(change.origin),
+                              KEY_SEQ: change.seq})  # fmt: skip
+            return
+        self._quarantine_room -= 1
         conn.execute(
             "INSERT INTO _repl_quarantine (origin_node, origin_inc, origin_seq, tbl, pk, op,"
             " new_row, old_row, hlc, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -393,6 +460,36 @@ def _take_skips(
             log_skips.append(skip)
     progress[origin] = have
     return have
+
+
+def _malformed(change: Change, info: TableInfo) -> str | None:
+    """Why a change cannot be a change of this table whatever the row holds (None: it can)."""
+    key = info.primary_key
+    if len(change.pk) != len(key):
+        return f"key has {len(change.pk)} values, {info.name}'s key has {len(key)} columns"
+    row = change.row
+    if row is None:
+        return None  # a delete names its row by key alone
+    if not row:
+        return "empty row"
+    for column, value in zip(key, change.pk, strict=True):
+        if column not in row:
+            return f"row lacks key column {column!r}"
+        stored = row[column]
+        if stored != value or type(stored) is not type(value):
+            return f"row's {column!r} contradicts its key"
+    return None
+
+
+def unless_row_error(conn: sqlite3.Connection, error: sqlite3.Error) -> None:
+    """Re-raise ``error`` unless it concerns the row alone: a disk that refuses writes, a
+    busy database, or a transaction SQLite rolled back is the batch's problem, not the row's."""
+    if not conn.in_transaction:
+        raise error
+    if isinstance(error, sqlite3.OperationalError) and (
+        is_write_failure(error) or dbcall.is_busy(error)
+    ):
+        raise error
 
 
 def _columns_known(change: Change, columns: frozenset[str]) -> bool:

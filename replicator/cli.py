@@ -152,11 +152,17 @@ def run(config_path: str, log_format: str) -> None:
         trio.run(_run_node, config)
     except ReplicationError as error:
         _fail(error)
-    except BaseExceptionGroup as group:  # raised from inside the node's nursery
-        matched, _ = group.split(ReplicationError)
-        if matched is None:
-            raise
-        _fail(first_leaf(matched))
+    except Exception as error:  # from inside the node's nursery, or a bug: one line, never
+        matched, _ = (  # a traceback on the terminal (the log line below keeps it)
+            error.split(ReplicationError) if isinstance(error, BaseExceptionGroup) else (None, None)
+        )
+        if matched is not None:
+            _fail(first_leaf(matched))
+        leaf = first_leaf(error)
+        get_logger("cli").error("node stopped by an unexpected error", exc_info=leaf)
+        click.echo(f"replicator: stopped by an unexpected error: {type(leaf).__name__}: {leaf}",
+                   err=True)  # fmt: skip
+        sys.exit(1)
 
 
 def _fail(error: BaseException) -> None:

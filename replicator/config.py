@@ -11,8 +11,10 @@ they are removed here.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -409,14 +411,16 @@ class AuthConfig:
 
     def passphrases(self) -> tuple[str, str | None]:
         """The current and previous passphrase, read from the config or the key files."""
-        current = self.secret_key or _read_secret(self.secret_key_file)
+        current = self.secret_key or _read_secret(self.secret_key_file, "secret_key_file")
         if current is None:
             raise ConfigError(
                 "replication.auth.secret_key: required to run a node (or secret_key_file)",
                 op="config",
                 hint="'replicator keygen PATH' writes a strong one",
             )
-        previous = self.previous_secret_key or _read_secret(self.previous_secret_key_file)
+        previous = self.previous_secret_key or _read_secret(
+            self.previous_secret_key_file, "previous_secret_key_file"
+        )
         return current, previous
 
 
@@ -820,10 +824,29 @@ def _optional_path(base: Path, path: str | None) -> str | None:
     return None if path is None else _resolve(base, path)
 
 
-def _read_secret(path: str | None) -> str | None:
+def _read_secret(path: str | None, key: str) -> str | None:
+    """A key file's passphrase. A file group or others may read is refused: the key it holds
+    lets anyone who reads it join the cluster."""
     if path is None:
         return None
+    where = f"replication.auth.{key}"
     try:
-        return Path(path).read_text().strip()
+        with open(path, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise ConfigError(f"{where}: {path} is not a regular file", op="config")
+            if mode & 0o077:
+                raise ConfigError(
+                    f"{where}: key file {path} is open to group or others "
+                    f"(mode {stat.S_IMODE(mode):04o})",
+                    op="config",
+                    hint=f"chmod 600 {path}",
+                )
+            raw = file.read()
     except OSError as error:
-        raise ConfigError(f"cannot read key file {path}: {error.strerror}", op="config") from None
+        raise ConfigError(f"{where}: cannot read key file {path}: {error.strerror}",
+                          op="config") from None  # fmt: skip
+    try:
+        return raw.decode().strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: key file {path} is not text", op="config") from None

@@ -3,17 +3,25 @@
 Three tasks share the connection. The sender reads this node's log from a position and sends
 every entry the peer does not hold yet (its version vector says which), first the backlog, then
 each new commit as soon as the detector sees it; at most ``window`` batches wait for their ack,
-so a slow peer slows the sender instead of filling memory. The receiver applies the peer's
-batches (one transaction each) and acknowledges only after the commit; a gap makes it ask for a
-resend instead of skipping. The heartbeat carries wall time (for skew) and the vector, and the
-link ends when the peer has been silent longer than the liveness timeout.
+so a slow peer slows the sender instead of filling memory. Batches are cut by count, by
+estimated bytes and by decoded elements, so every batch fits the receiver's message cap. The
+receiver applies the peer's batches and acknowledges only after the commit; a gap makes it ask
+for a resend instead of skipping. The heartbeat carries wall time (for skew) and the vector,
+and the link ends when the peer has been silent longer than the liveness timeout.
+
+What the peer holds is learnt from everything it says about itself: its Hello, its acks, its
+heartbeats, and the changes it sends. A batch in flight counts as delivered once the peer shows
+it holds what the batch carried, even if its ack went missing, so lag never shows for a peer
+that has everything. A skip marker from the peer is accepted only within what the peer has
+shown it holds (a forged marker up to the end of time would silence an origin for good), and
+this node shows a peer what it holds before sending it markers beyond what it showed.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,18 +44,26 @@ from protocol import (
     SnapshotEnd,
     SnapshotRequest,
 )
+from protocol.codec import DEFAULT_MAX_ELEMENTS
 from replicator import hlc
 from replicator.applier import ApplyResult
 from replicator.errors import first_leaf
+from replicator.faults import Faults
 from replicator.log import KEY_PEER, get_logger
 from replicator.membership import ClusterView
-from replicator.peer import PeerConnection, PeerDisconnected
+from replicator.peer import OFF_LOOP_BYTES, PeerConnection, PeerDisconnected
 from replicator.store import LogRecord
 
 __all__ = ["Link", "LinkSettings", "PauseSwitch", "PeerStatus"]
 
 # Changes messages already received are applied together, up to this many entries.
 _MAX_COALESCED = 5000
+# Heartbeats in a row in which a peer reports less of its own writes than this node held at
+# the heartbeat before: then it lost data, or someone forged markers for its origin.
+_REGRESSION_HEARTBEATS = 3
+# A change's message overhead beyond its rows (origin, versions, framing), estimated.
+_CHANGE_OVERHEAD_BYTES = 160
+_CHANGE_ELEMENTS = 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +72,10 @@ class LinkSettings:
     window: int = 4
     heartbeat_interval: float = 1.0
     liveness_timeout: float = 10.0
+    max_batch_bytes: int = 12 << 20
+    """Estimated encoded size a batch is cut at (below the session's message cap)."""
+    max_batch_elements: int = DEFAULT_MAX_ELEMENTS // 2
+    """Decoded msgpack elements a batch is cut at (below the receiver's element budget)."""
 
 
 @dataclass(slots=True)
@@ -82,6 +102,16 @@ class PeerStatus:
         self.last_error, self.last_error_at = error, time.time()
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """A batch sent and not yet known to be held by the peer."""
+
+    sequence: int
+    position: int
+    sent_at: float
+    carries: dict[Origin, int]  # per origin, the highest sequence in the batch
+
+
 # (after, limit) -> (entries for the peer, the position read through: entries left out
 # because the peer wrote them still move it, so they are never scanned again)
 ReadLog = Callable[[int, int], Awaitable[tuple[list[LogRecord], int]]]
@@ -89,6 +119,7 @@ Apply = Callable[
     [Sequence[Change], Sequence[Skip]], Awaitable[tuple[ApplyResult, dict[Origin, int]]]
 ]
 WaitLog = Callable[[int], Awaitable[None]]
+_Entry = tuple[Change | Skip, int]  # an entry for the peer and the log position it came from
 
 
 class Snapshots(Protocol):
@@ -143,6 +174,8 @@ class Link:
         snapshots: Snapshots,
         pause: PauseSwitch | None = None,
         outgoing: Callable[[Change], Change | None] | None = None,
+        alarms: MutableMapping[str, str] | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self.connection = connection
         self.peer = hello.node_id
@@ -156,6 +189,8 @@ class Link:
         self._cluster = cluster
         self._snapshots = snapshots
         self._outgoing = outgoing  # filters and transformations; None: all as is
+        self._alarms: MutableMapping[str, str] = {} if alarms is None else alarms
+        self._faults = faults or Faults()
         self._snapshot_reason: str | None = None
         self._repairs: list[tuple[str, Mapping[str, bytes]]] = []
         self._pause = pause or PauseSwitch()
@@ -174,11 +209,22 @@ class Link:
         status.peer_vector = dict(hello.version_vector)
         # What the peer holds or has been sent (ahead of its acks): the sender's filter.
         self._have = dict(hello.version_vector)
-        self._in_flight: deque[tuple[int, int, float]] = deque()
+        # What the peer has shown it holds (Hello, acks, heartbeats, the changes it sent):
+        # the bound on the skip markers accepted from it.
+        self._shown = dict(hello.version_vector)
+        # What this node has shown the peer it holds (its acks, heartbeats, changes).
+        self._shown_to_peer: dict[Origin, int] = {}
+        self._acked_through = 0  # the last batch sequence of the peer's this node acked
+        self._own_origin = Origin(hello.node_id, hello.incarnation)
+        # What this node held of the peer's own origin at its last heartbeats (oldest first).
+        self._held_at_heartbeats: deque[int] = deque([0, 0], maxlen=2)
+        self._regressions = 0
+        self._in_flight: deque[_InFlight] = deque()
         self._window_open = trio.Event()
         self._window_open.set()
         self._rewind = False
         self._sequence = 0
+        self.started_at = time.monotonic()
 
     async def run(self) -> None:
         """Until the connection ends; raises `PeerDisconnected` with the reason."""
@@ -216,10 +262,15 @@ class Link:
 
     @property
     def lag_seconds(self) -> float:
-        """How long the oldest unacknowledged batch has been waiting for its ack."""
+        """How long the oldest batch the peer is not known to hold has been waiting."""
         if not self._in_flight:
             return 0.0
-        return time.monotonic() - self._in_flight[0][2]
+        return time.monotonic() - self._in_flight[0].sent_at
+
+    def heard_within(self, seconds: float) -> bool:
+        """The peer said something (a heartbeat at least) in the last ``seconds``."""
+        last = self.status.last_contact
+        return last is not None and time.time() - last <= seconds
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -283,18 +334,38 @@ class Link:
                         self.status.acked_position = max(self.status.acked_position, position)
                 await self._wait_for_log(position)
                 continue
-            position = records[-1].position
-            changes, skips = self._lacking(records)
-            if changes or skips:
-                await self._send_batch(changes, skips, position)
-            position = max(position, read_through)
+            for piece, size in self._cut(records):
+                entries = self._lacking(piece)
+                if entries:
+                    await self._send_entries(entries, large=size >= OFF_LOOP_BYTES)
+                self.status.sent_position = piece[-1].position
+            position = max(records[-1].position, read_through)
             self.status.sent_position = position
 
-    def _lacking(self, records: list[LogRecord]) -> tuple[list[Change], list[Skip]]:
-        """Entries the peer does not hold yet (the reader already left out its own writes)."""
+    def _cut(self, records: list[LogRecord]) -> list[tuple[list[LogRecord], int]]:
+        """Consecutive pieces of ``records`` with their estimated size, each within the
+        batch's byte and element bounds (a record larger than a batch is a piece alone)."""
+        pieces: list[tuple[list[LogRecord], int]] = []
+        piece: list[LogRecord] = []
+        size = elements = 0
+        max_bytes, max_elements = self.settings.max_batch_bytes, self.settings.max_batch_elements
+        for record in records:
+            cost = record.size + _CHANGE_OVERHEAD_BYTES
+            count = _elements(record.entry)
+            if piece and (size + cost > max_bytes or elements + count > max_elements):
+                pieces.append((piece, size))
+                piece, size, elements = [], 0, 0
+            piece.append(record)
+            size += cost
+            elements += count
+        pieces.append((piece, size))
+        return pieces
+
+    def _lacking(self, records: list[LogRecord]) -> list[_Entry]:
+        """Entries the peer does not hold yet, in log order (the reader already left out
+        its own writes); changes a filter withholds become skip markers."""
         have = self._have
-        changes: list[Change] = []
-        skips: list[Skip] = []
+        entries: list[_Entry] = []
         outgoing = self._outgoing
         for record in records:
             entry = record.entry
@@ -303,23 +374,50 @@ class Link:
                 if entry.seq > have.get(origin, 0):
                     shared = entry if outgoing is None else outgoing(entry)
                     if shared is not None:
-                        changes.append(shared)
-                    elif (
-                        skips and skips[-1].origin == origin and skips[-1].last_seq + 1 == entry.seq
-                    ):
-                        skips[-1] = Skip(origin, skips[-1].first_seq, entry.seq)
-                    else:  # withheld by a filter: a marker keeps the sequence whole
-                        skips.append(Skip(origin, entry.seq, entry.seq))
+                        entries.append((shared, record.position))
+                    else:
+                        _append_skip(entries, Skip(origin, entry.seq, entry.seq), record.position)
                     have[origin] = entry.seq
             elif entry.last_seq > have.get(origin, 0):
-                skips.append(entry)
+                _append_skip(entries, entry, record.position)
                 have[origin] = entry.last_seq
-        return changes, skips
+        return entries
 
-    async def _send_batch(self, changes: list[Change], skips: list[Skip], position: int) -> None:
+    async def _send_entries(self, entries: list[_Entry], *, large: bool) -> None:
+        """Send entries as one batch, or as several if the batch is over the message cap
+        after all (the size estimate was low); a single change over the cap is withheld
+        as a skip marker with an alarm, so it never halts the stream. ``large``: encode
+        off the event loop."""
+        changes = [entry for entry, _ in entries if isinstance(entry, Change)]
+        skips = [entry for entry, _ in entries if isinstance(entry, Skip)]
+        try:
+            await self._send_batch(changes, skips, entries[-1][1], large=large)
+            return
+        except MessageTooLarge as error:
+            if len(entries) > 1:
+                middle = len(entries) // 2
+                await self._send_entries(entries[:middle], large=True)
+                await self._send_entries(entries[middle:], large=True)
+                return
+            change = changes[0]
+            reason = str(error)
+        self._faults.count("oversize_change")
+        self._alarms[f"oversize_change:{change.table}"] = (
+            f"a change to {change.table} ({change.origin} #{change.seq}) is too large for one "
+            f"message and was not replicated: {reason}"
+        )
+        self._log.error("change too large to replicate: withheld", table=change.table,
+                        origin=str(change.origin), seq=change.seq, reason=reason)  # fmt: skip
+        skip = Skip(change.origin, change.seq, change.seq)
+        await self._send_batch([], [skip], entries[-1][1], large=False)
+
+    async def _send_batch(
+        self, changes: list[Change], skips: list[Skip], position: int, *, large: bool
+    ) -> None:
         while len(self._in_flight) >= self.settings.window:
             self._window_open = trio.Event()
             await self._window_open.wait()
+        await self._show_holdings(skips)
         self._sequence += 1
         batch = Changes(
             node_id=self.node_id,
@@ -328,27 +426,48 @@ class Link:
             changes=tuple(changes),
             skips=tuple(skips),
         )
+        carries: dict[Origin, int] = {}
+        for change in changes:
+            carries[change.origin] = max(carries.get(change.origin, 0), change.seq)
+        for skip in skips:
+            carries[skip.origin] = max(carries.get(skip.origin, 0), skip.last_seq)
+        # In flight before the send: the peer's ack may be read before the send returns.
+        flight = _InFlight(self._sequence, position, time.monotonic(), carries)
+        self._in_flight.append(flight)
         try:
-            await self.connection.send(batch)
+            await self.connection.send(batch, large=large)
         except MessageTooLarge:
-            # Rows too large for one frame together: send them in halves.
-            middle = max(1, len(changes) // 2)
-            if len(changes) <= 1:
-                raise
+            self._in_flight.remove(flight)
             self._sequence -= 1
-            await self._send_batch(changes[:middle], [], position)
-            await self._send_batch(changes[middle:], skips, position)
-            return
-        self._in_flight.append((self._sequence, position, time.monotonic()))
+            raise
+        _merge(self._shown_to_peer, carries)
         self.status.changes_sent += len(changes)
+
+    async def _show_holdings(self, skips: list[Skip]) -> None:
+        """Before skip markers beyond what the peer has seen this node hold, say what it
+        holds (an Ack of nothing new): the peer accepts markers only within that."""
+        beyond = {
+            skip.origin: skip.last_seq
+            for skip in skips
+            if skip.last_seq > self._shown_to_peer.get(skip.origin, 0)
+        }
+        if not beyond:
+            return
+        vector = self._vector()
+        _merge(vector, beyond)  # read from this node's committed log: it holds them
+        await self.connection.send(Ack(vector, self._acked_through))
+        _merge(self._shown_to_peer, vector)
 
     async def _heartbeat_loop(self) -> None:
         while True:
             now, vector = hlc.wall_clock_ms(), self._vector()
+            # The cached vector may be older than what was just sent: never report less.
+            _merge(vector, self._shown_to_peer)
             at, checksums = self._snapshots.local_checksums()
             known = self._cluster.snapshot(vector, now)
             heartbeat = Heartbeat(now, vector, checksums, known, at)
             await self.connection.send(heartbeat)
+            _merge(self._shown_to_peer, vector)
             await trio.sleep(self.settings.heartbeat_interval)
 
     # -- receiving -------------------------------------------------------------------------
@@ -377,14 +496,7 @@ class Link:
         elif isinstance(message, Ack):
             self._on_ack(message)
         elif isinstance(message, Heartbeat):
-            self.status.skew_ms = message.wall_time_ms - hlc.wall_clock_ms()
-            _merge(self.status.peer_vector, message.version_vector)
-            _merge(self._have, message.version_vector)  # it may hold more, from other peers
-            self._cluster.merge(message.known)
-            if message.table_checksums:
-                await self._snapshots.peer_checksums(
-                    self.peer, message.checksum_vector, message.table_checksums
-                )
+            await self._on_heartbeat(message)
         elif isinstance(message, SnapshotRequest):
             self._log.info("peer asked for a snapshot", reason=message.reason,
                            tables=list(message.tables), repair=bool(message.buckets))  # fmt: skip
@@ -416,8 +528,8 @@ class Link:
         if self._pause.paused:
             self._owe_resend = True  # dropped unapplied; asked for again on resume
             return
-        # Batches that arrived together are applied in one transaction and acknowledged by
-        # one Ack: under load the fixed cost of a commit is paid once, not per batch.
+        # Batches that arrived together are applied together and acknowledged by one Ack:
+        # under load the fixed cost of a commit is paid once, not per batch.
         changes, skips, sequence = list(batch.changes), list(batch.skips), batch.sequence
         while len(changes) + len(skips) < _MAX_COALESCED and (
             more := self.connection.take_ready(lambda m: isinstance(m, Changes))
@@ -426,22 +538,91 @@ class Link:
             changes += more.changes
             skips += more.skips
             sequence = more.sequence
+        for change in changes:  # a change the peer sends is one it holds
+            if change.seq > self._shown.get(change.origin, 0):
+                self._shown[change.origin] = change.seq
+        self._check_skips(skips)
         result, vector = await self._apply(changes, skips)
         self.status.changes_received += result.accepted
+        self._acked_through = sequence
         await self.connection.send(Ack(vector, sequence))
+        _merge(self._shown_to_peer, vector)
         if result.gaps or result.clock_refused:
             await self.connection.send(Resend(vector))
 
+    def _check_skips(self, skips: Sequence[Skip]) -> None:
+        """Refuse skip markers beyond what the peer has shown it holds: applied, one up to
+        the end of time would make every later change of its origin look like a duplicate."""
+        for skip in skips:
+            shown = self._shown.get(skip.origin, 0)
+            if skip.last_seq > shown:
+                self._faults.count("skip_beyond_holdings")
+                message = (
+                    f"{self.peer} sent a skip marker for {skip.origin} up to {skip.last_seq}, "
+                    f"beyond the {shown} it has shown it holds: refused, link dropped"
+                )
+                self._alarms[f"forged_skip:{self.peer}"] = message
+                self._log.error("skip marker beyond what the peer holds: refused",
+                                origin=str(skip.origin), last_seq=skip.last_seq,
+                                shown=shown)  # fmt: skip
+                raise PeerDisconnected(message, op="receive", peer=self.peer)
+
     def _on_ack(self, ack: Ack) -> None:
-        _merge(self.status.peer_vector, ack.version_vector)
-        _merge(self._have, ack.version_vector)
-        while self._in_flight and self._in_flight[0][0] <= ack.through_sequence:
-            _, position, _ = self._in_flight.popleft()
-            self.status.acked_position = max(self.status.acked_position, position)
+        while self._in_flight and self._in_flight[0].sequence <= ack.through_sequence:
+            self.status.acked_position = max(
+                self.status.acked_position, self._in_flight.popleft().position
+            )
+        self._peer_holds(ack.version_vector)
+
+    async def _on_heartbeat(self, message: Heartbeat) -> None:
+        self.status.skew_ms = message.wall_time_ms - hlc.wall_clock_ms()
+        self._peer_holds(message.version_vector)
+        self._watch_own_origin(message.version_vector)
+        refused = self._cluster.merge(message.known, hlc.wall_clock_ms())
+        if refused:
+            self._faults.count("cluster_view", refused)
+        if message.table_checksums:
+            await self._snapshots.peer_checksums(
+                self.peer, message.checksum_vector, message.table_checksums
+            )
+
+    def _peer_holds(self, vector: Mapping[Origin, int]) -> None:
+        """The peer says it holds ``vector``: batches it covers are delivered, ack or not."""
+        _merge(self.status.peer_vector, vector)
+        _merge(self._have, vector)  # it may hold more, from other peers
+        _merge(self._shown, vector)
+        held = self.status.peer_vector
+        while self._in_flight and all(
+            held.get(origin, 0) >= seq for origin, seq in self._in_flight[0].carries.items()
+        ):
+            self.status.acked_position = max(
+                self.status.acked_position, self._in_flight.popleft().position
+            )
         if not self._in_flight:  # what was read past the last batch was none of the peer's
             self.status.acked_position = max(self.status.acked_position, self.status.sent_position)
         if len(self._in_flight) < self.settings.window:
             self._window_open.set()
+
+    def _watch_own_origin(self, vector: Mapping[Origin, int]) -> None:
+        """Alarm when the peer keeps reporting less of its own writes than this node held two
+        heartbeats earlier. A peer's report covers what it sent before it, and what reached
+        this node through others a little later: two heartbeats leave room for both."""
+        reported = vector.get(self._own_origin, 0)
+        held = self._held_at_heartbeats[0]
+        self._regressions = self._regressions + 1 if reported < held else 0
+        name = f"origin_regressed:{self.peer}"
+        if self._regressions >= _REGRESSION_HEARTBEATS:
+            if name not in self._alarms:
+                self._log.error("peer reports less of its own writes than this node holds",
+                                reported=reported, held=held)  # fmt: skip
+            self._alarms[name] = (
+                f"{self.peer} reports holding {reported} of its own changes ({self._own_origin}) "
+                f"but this node holds {held}: it lost data without a new incarnation, or skip "
+                "markers for its origin were forged"
+            )
+        elif self._regressions == 0:
+            self._alarms.pop(name, None)
+        self._held_at_heartbeats.append(self._vector().get(self._own_origin, 0))
 
 
 class PauseSwitch:
@@ -465,8 +646,34 @@ class PauseSwitch:
         await self._running.wait()
 
 
-def _merge(into: dict[Origin, int], vector: dict[Origin, int] | object) -> None:
-    if isinstance(vector, dict):
-        for origin, seq in vector.items():
-            if seq > into.get(origin, 0):
-                into[origin] = seq
+def _append_skip(entries: list[_Entry], skip: Skip, position: int) -> None:
+    """Add a skip marker, joined to the previous entry if that is its origin's marker just
+    before it (withheld changes in a row travel as one range)."""
+    if entries:
+        last, _ = entries[-1]
+        if (
+            isinstance(last, Skip)
+            and last.origin == skip.origin
+            and last.last_seq + 1 == skip.first_seq
+        ):
+            entries[-1] = (Skip(skip.origin, last.first_seq, skip.last_seq), position)
+            return
+    entries.append((skip, position))
+
+
+def _elements(entry: Change | Skip) -> int:
+    """The msgpack elements an entry decodes to on the receiving side (an upper estimate)."""
+    if isinstance(entry, Skip):
+        return 5
+    return (
+        _CHANGE_ELEMENTS
+        + len(entry.pk)
+        + 2 * (len(entry.row) if entry.row is not None else 0)
+        + 2 * (len(entry.old) if entry.old is not None else 0)
+    )
+
+
+def _merge(into: dict[Origin, int], vector: Mapping[Origin, int]) -> None:
+    for origin, seq in vector.items():
+        if seq > into.get(origin, 0):
+            into[origin] = seq

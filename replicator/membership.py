@@ -97,24 +97,54 @@ class ClusterView:
     the freshest report wins, so a node that lost data (restored from a backup) is seen to
     hold less. Configured peers start with an empty vector: until they report, they hold
     nothing, and nothing may be forgotten on their account.
+
+    Gossip is a peer's word, so the view takes only what it can bound: reports of its
+    configured peers and of at most ``relayed_limit`` other nodes (in a chain, the nodes
+    beyond the neighbours are known only through them). A report dated further in the
+    future than ``max_clock_offset_ms`` is refused (it would win over every true one). Made-up
+    names can therefore grow neither the view nor the heartbeats that carry it.
     """
 
-    def __init__(self, node_id: str, peers: Iterable[str]) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        peers: Iterable[str],
+        *,
+        max_clock_offset_ms: int = 60_000,
+        relayed_limit: int = 0,
+    ) -> None:
         self.node_id = node_id
-        self._known: dict[str, tuple[int, dict[Origin, int]]] = {peer: (0, {}) for peer in peers}
+        self._configured = frozenset(peers)
+        self._known: dict[str, tuple[int, dict[Origin, int]]] = {
+            peer: (0, {}) for peer in self._configured
+        }
+        self._max_offset_ms = max_clock_offset_ms
+        self._relayed_limit = relayed_limit
 
     def snapshot(
         self, own_vector: Mapping[Origin, int], now_ms: int
     ) -> dict[str, tuple[int, dict[Origin, int]]]:
         return {**self._known, self.node_id: (now_ms, dict(own_vector))}
 
-    def merge(self, known: Mapping[str, tuple[int, Mapping[Origin, int]]]) -> None:
+    def merge(self, known: Mapping[str, tuple[int, Mapping[Origin, int]]], now_ms: int) -> int:
+        """Take the fresher reports of ``known``; returns how many were refused."""
+        refused = 0
+        relayed = len(self._known) - len(self._configured)
         for node, (reported_at, vector) in known.items():
             if node == self.node_id:
                 continue
+            if reported_at > now_ms + self._max_offset_ms:
+                refused += 1
+                continue
             current = self._known.get(node)
+            if current is None:
+                if relayed >= self._relayed_limit:
+                    refused += 1
+                    continue
+                relayed += 1
             if current is None or reported_at > current[0]:
                 self._known[node] = (reported_at, dict(vector))
+        return refused
 
     def floor(self, own_vector: Mapping[Origin, int]) -> dict[Origin, int]:
         """Per origin, the sequence every known node holds (origins at 0 left out)."""
@@ -122,6 +152,10 @@ class ClusterView:
         for _, vector in self._known.values():
             floor = {origin: min(seq, vector.get(origin, 0)) for origin, seq in floor.items()}
         return {origin: seq for origin, seq in floor.items() if seq > 0}
+
+    def report_of(self, node: str) -> Mapping[Origin, int]:
+        """The freshest vector ``node`` reported (empty when it never did)."""
+        return self._known.get(node, (0, {}))[1]
 
     def nodes(self) -> list[str]:
         return sorted({self.node_id, *self._known})

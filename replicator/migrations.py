@@ -214,6 +214,16 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ) WITHOUT ROWID;
         """,
     ),
+    (
+        8,
+        "snapshot staging per snapshot",
+        """
+        -- Which snapshot a staged chunk belongs to: snapshots from two peers at once stage side
+        -- by side, and one abandoned is cleared without touching the other.
+        ALTER TABLE _repl_snapshot_stage ADD COLUMN snapshot INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX _repl_snapshot_stage_by_snapshot ON _repl_snapshot_stage (snapshot, id);
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -8,19 +8,29 @@
 SQLite calls block, so they run in worker threads, one connection per concern (the applier,
 each link's log reader), each behind a limiter of one so a connection is never used by two
 threads at once. A connection between two configured peers is kept once: when both dial each
-other, both sides keep the one dialled by the node with the smaller id.
+other, both sides keep the one dialled by the node with the smaller id; a link whose peer has
+been heard from lately is never displaced by a newcomer claiming the same id.
+
+Nothing a peer does ends the process: every connection's task turns a failure into a logged
+disconnect (peer id, reason) and, for dialled peers, a redial with backoff. Only the
+configuration and the local database may stop the node, each with one line saying why.
+Unknown connections are budgeted: a few handshakes in progress per source address and in all,
+the rest closed at once, with the refusals logged at a throttled rate.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import functools
 import os
 import random
+import resource
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -28,7 +38,16 @@ from typing import Any, TypeVar
 import trio
 from croniter import croniter
 
-from protocol import Change, Hello, Keyring, Origin, SessionSettings, Skip, stretch_passphrase
+from protocol import (
+    Change,
+    Goodbye,
+    Hello,
+    Keyring,
+    Origin,
+    SessionSettings,
+    Skip,
+    stretch_passphrase,
+)
 from replicator import conflicts, dbcall, divergence, hlc, retention
 from replicator.api import ControlApi
 from replicator.applier import Applier, ApplyResult
@@ -37,7 +56,8 @@ from replicator.checkpoints import list_checkpoints, take_checkpoint
 from replicator.config import Config
 from replicator.control import serve_control
 from replicator.detector import Detector
-from replicator.errors import ConfigError, first_leaf
+from replicator.errors import ConfigError, ReplicationError, first_leaf
+from replicator.faults import Faults, Throttle
 from replicator.filters import RowFilter
 from replicator.history import record_config
 from replicator.link import Link, LinkSettings, PauseSwitch, PeerStatus
@@ -51,7 +71,8 @@ from replicator.membership import (
 )
 from replicator.metrics import NodeMetrics
 from replicator.migrations import SCHEMA_VERSION
-from replicator.peer import PeerConnection, PeerDisconnected, PeerSettings
+from replicator.pacing import WritePacer
+from replicator.peer import PeerClosed, PeerConnection, PeerDisconnected, PeerSettings
 from replicator.persistence import RESYNC_BACKUP, Persistence
 from replicator.recovery import open_state
 from replicator.resolvers import ManualResolver, Resolver, TimestampResolver, make_resolver
@@ -69,6 +90,14 @@ CAPABILITIES = frozenset({"changes", "skips", "resend"})
 _INLINE_ENTRIES = 32
 _CHECKPOINTS_SHOWN = 10
 _CHECKPOINT_INTERVAL = 0.5
+# Nodes beyond the configured peers kept in the cluster view: in a chain, the far ends.
+_RELAYED_MEMBERS = 64
+# accept() errors that mean "out of descriptors or memory for now": wait, do not crash.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class DatabaseFault(ReplicationError):
+    """The local state database is broken (corrupt, unreadable): the node cannot go on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +109,12 @@ class NodeOptions:
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
     link: LinkSettings = field(default_factory=LinkSettings)
+    max_handshakes: int = 64
+    """Incoming connections allowed between accept and Hello, in all."""
+    max_handshakes_per_source: int = 8
+    """The same, from one source address."""
+    log_interval: float = 30.0
+    """Repeated log lines of one kind (refused connections, failed dials) at most this often."""
 
 
 def unbuilt_settings(config: Config) -> list[str]:
@@ -144,7 +179,17 @@ class Node:
             schema_sql=_read_schema(config.state.schema),
         )
         self.links: dict[str, Link] = {}
-        self.cluster = ClusterView(self.node_id, self.peers)
+        self.cluster = ClusterView(
+            self.node_id,
+            self.peers,
+            max_clock_offset_ms=int(replication.conflict_resolution.max_clock_offset * 1000),
+            relayed_limit=_RELAYED_MEMBERS,
+        )
+        self.faults = Faults()
+        self._throttle = Throttle(self.options.log_interval)
+        self._handshakes: Counter[str] = Counter()  # per source address, between accept and Hello
+        self._listeners: list[trio.SocketListener] = []
+        self._pacer = WritePacer()
         self._log_changed = trio.Event()
         self._apply_limiter = trio.CapacityLimiter(1)
         self._applier: Applier | None = None
@@ -170,6 +215,7 @@ class Node:
             self._last_vector,
             self.filter_copy,
             before_full_merge=self._back_up_before_resync,
+            pacer=self._pacer,
         )
         self._commit_is_quick = config.state.database.synchronous in ("OFF", "NORMAL")
         self._divergence_filter: RowFilter | None = None
@@ -197,8 +243,34 @@ class Node:
                 op="start",
                 hint="remove these settings; replicator never ignores a setting silently",
             )
+        _raise_descriptor_limit()
+        # Before anything is written: a busy port is a one-line error, with no backup taken
+        # and no configuration recorded on the way.
+        self._listeners = await self._listen()
+        try:
+            await self._run(task_status)
+        finally:
+            for listener in self._listeners:
+                with contextlib.suppress(OSError, trio.ClosedResourceError):
+                    await trio.aclose_forcefully(listener)
+
+    async def _listen(self) -> list[trio.SocketListener]:
+        replication = self.config.replication
+        host, port = replication.listen_host, replication.listen_port
+        try:
+            return await trio.open_tcp_listeners(port, host=host)
+        except OSError as error:
+            raise ConfigError(
+                f"{self.config.file}: replication.listen_addr: cannot listen on {host}:{port}: "
+                f"{error.strerror or error}",
+                op="start",
+                hint="another process (another node with this configuration?) holds the port",
+            ) from None
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         store = await trio.to_thread.run_sync(self._prepare)
         await trio.to_thread.run_sync(self.resync.refresh_floor)
+        await trio.to_thread.run_sync(self.resync.clear_staging)
         self._divergence_filter = self.filter_copy()
         self._checkpoints = await trio.to_thread.run_sync(
             list_checkpoints, store.conn, _CHECKPOINTS_SHOWN
@@ -230,14 +302,8 @@ class Node:
             if replication.recovery.full_resync_schedule is not None:
                 nursery.start_soon(self._full_resync_on_schedule)
             nursery.start_soon(self._watch_lag)
-            await nursery.start(
-                functools.partial(
-                    trio.serve_tcp,
-                    self._accept,
-                    replication.listen_port,
-                    host=replication.listen_host,
-                )
-            )
+            for listener in self._listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
             for peer_id in self.peers:
                 nursery.start_soon(self._dial_loop, peer_id)
             _log.info(
@@ -251,7 +317,7 @@ class Node:
             task_status.started()
 
     def _prepare(self) -> Store:
-        os.makedirs(os.path.dirname(self.store_settings.path) or ".", exist_ok=True)
+        os.makedirs(os.path.dirname(self.store_settings.path) or ".", mode=0o750, exist_ok=True)
         state = self.config.state
         backups = None
         if state.backup.enabled:
@@ -295,7 +361,7 @@ class Node:
                 priorities=conflicts.priorities,
             )
 
-        applier_store = Store.open(self.store_settings, prepare=False)
+        applier_store = self._open_store()
         if self._wal:
             # Checkpoints (and their fsyncs) run in a background task, not in an apply.
             applier_store.conn.execute("PRAGMA wal_autocheckpoint = 0")
@@ -401,24 +467,34 @@ class Node:
             await trio.sleep(min(1.0, max_lag / 2))
 
     def _lag_seconds(self, peer_id: str) -> float:
-        """How long the peer has been missing changes: the oldest unacknowledged batch while
-        connected; while not, since this node first saw it lacking something."""
+        """How long the peer has been missing changes: while connected, the oldest batch it
+        is not known to hold; while not, since this node first saw it lacking something it
+        holds (by what the peer last said it holds, itself or through gossip)."""
         link = self.links.get(peer_id)
         if link is not None:
             self._lacking_since.pop(peer_id, None)
             return link.lag_seconds
         position = self._detector.position if self._detector is not None else 0
-        if position <= self.status[peer_id].acked_position:
+        if position <= self.status[peer_id].acked_position or not self._peer_lacks(peer_id):
             self._lacking_since.pop(peer_id, None)
             return 0.0
         return time.monotonic() - self._lacking_since.setdefault(peer_id, time.monotonic())
 
+    def _peer_lacks(self, peer_id: str) -> bool:
+        status = self.status[peer_id]
+        reported = self.cluster.report_of(peer_id)
+        own = Origin(peer_id, status.incarnation) if status.incarnation is not None else None
+        for origin, seq in self._vector_cache.items():
+            if origin != own and seq > max(
+                status.peer_vector.get(origin, 0), reported.get(origin, 0)
+            ):
+                return True
+        return False
+
     async def _checkpoint_periodically(self) -> None:
         """Copy the WAL back into the database file off the apply path (PASSIVE: never
         waits for, nor blocks, a writer)."""
-        store = await trio.to_thread.run_sync(
-            functools.partial(Store.open, self.store_settings, prepare=False)
-        )
+        store = await trio.to_thread.run_sync(self._open_store)
         state = self.config.state
         saved_at = time.monotonic()
         try:
@@ -434,9 +510,7 @@ class Node:
     async def _check_divergence_periodically(self) -> None:
         """Table checksums at start and every ``checksum_interval`` (sooner when a peer's
         heartbeat shows it at this node's vector): compared with peers' in heartbeats."""
-        store = await trio.to_thread.run_sync(
-            functools.partial(Store.open, self.store_settings, prepare=False)
-        )
+        store = await trio.to_thread.run_sync(self._open_store)
         interval = self.config.replication.recovery.checksum_interval
         try:
             while True:
@@ -634,6 +708,7 @@ class Node:
             self._state_store = node_figures(conn, hlc.wall_clock_ms())
 
         await trio.to_thread.run_sync(read, limiter=self._apply_limiter)
+        self._quarantine_alarm()
         return self.status_report()
 
     async def promote(self) -> dict[str, Any]:
@@ -651,9 +726,7 @@ class Node:
 
     async def check_divergence_now(self) -> None:
         """Checksums computed now (for validate), on a connection of its own."""
-        store = await trio.to_thread.run_sync(
-            functools.partial(Store.open, self.store_settings, prepare=False)
-        )
+        store = await trio.to_thread.run_sync(self._open_store)
         try:
             await trio.to_thread.run_sync(self._check_divergence, store)
         finally:
@@ -787,6 +860,13 @@ class Node:
             "checkpoints": self._checkpoints,
             "conflicts": {"open": self._counts["open"], "by_table": self._counts["by_table"]},
             "quarantined": self._counts["quarantined"],
+            "quarantine": {
+                "held": self._counts["quarantined"],
+                "limit": self._applier.quarantine_limit if self._applier is not None else None,
+                "dropped": self._applier.quarantine_dropped if self._applier is not None else 0,
+            },
+            "peer_faults": self.faults.as_dict(),
+            "write_lock": self._pacer.report(),
             "state_store": self._state_store,
             "persistence": self.persistence.status(),
         }
@@ -801,21 +881,64 @@ class Node:
 
     # -- connections -----------------------------------------------------------------------
 
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept peers until cancelled. Running out of descriptors is waited out (and logged
+        at a throttled rate), never a crash."""
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as error:
+                if error.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                self.faults.count("accept_errors")
+                suppressed = self._throttle.allow("accept")
+                if suppressed is not None:
+                    _log.warning("cannot accept connections for now", reason=error.strerror,
+                                 suppressed=suppressed)  # fmt: skip
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(self._accept, stream)
+
     async def _accept(self, stream: trio.SocketStream) -> None:
-        label = _describe_remote(stream)
+        label, source = _describe_remote(stream)
+        limits = self.options
+        if (
+            sum(self._handshakes.values()) >= limits.max_handshakes
+            or self._handshakes[source] >= limits.max_handshakes_per_source
+        ):
+            self.faults.count("handshake_limit")
+            await trio.aclose_forcefully(stream)
+            suppressed = self._throttle.allow("handshake_limit")
+            if suppressed is not None:
+                _log.warning("incoming connection refused: too many handshakes in progress",
+                             remote=label, suppressed=suppressed)  # fmt: skip
+            return
+        self._handshakes[source] += 1
         assert self._peer_settings is not None
         try:
-            connection = await PeerConnection.accept(stream, self._peer_settings, label)
-        except PeerDisconnected as error:
-            _log.warning("incoming connection refused", remote=label, reason=error.message)
-            return
-        await self._serve(connection, initiator=None)
+            try:
+                connection = await PeerConnection.accept(stream, self._peer_settings, label)
+            except PeerDisconnected as error:
+                self.faults.count("handshake")
+                suppressed = self._throttle.allow("handshake_failed")
+                if suppressed is not None:
+                    _log.warning("incoming connection refused", remote=label,
+                                 reason=error.message, suppressed=suppressed)  # fmt: skip
+                return
+            hello = await self._greet(connection, dialled=None)
+        finally:
+            self._handshakes[source] -= 1
+            if not self._handshakes[source]:
+                del self._handshakes[source]
+        if hello is not None:
+            await self._serve(connection, hello, initiator=None)
 
     async def _dial_loop(self, peer_id: str) -> None:
         peer = self.peers[peer_id]
         log = _log.bind(**{KEY_PEER: peer_id})
         delay = self.options.backoff_initial
         use_previous = False
+        failures = 0
         assert self._peer_settings is not None
         while True:
             if peer_id in self.links:
@@ -833,38 +956,122 @@ class Node:
                 # During a key rotation the peer may hold only the previous key.
                 if self._peer_settings.keyring.previous is not None:
                     use_previous = not use_previous
-                log.debug("dial failed", reason=error.message, retry_in=round(delay, 2))
+                failures += 1
+                if self._throttle.allow(("dial", peer_id)) is not None:
+                    log.warning("cannot reach peer", address=peer.address, reason=error.message,
+                                attempts=failures, retry_in=round(delay, 2))  # fmt: skip
                 await trio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311
                 delay = min(delay * 2, self.options.backoff_max)
                 continue
-            delay = self.options.backoff_initial
-            await self._serve(connection, initiator=self.node_id)
+            if failures:
+                log.info("peer reachable again", address=peer.address, attempts=failures)
+            delay, failures = self.options.backoff_initial, 0
+            hello = await self._greet(connection, dialled=peer_id)
+            if hello is None:  # refused: wait as after a failed dial
+                await trio.sleep(self.options.backoff_max * random.uniform(0.5, 1))  # noqa: S311
+                continue
+            await self._serve(connection, hello, initiator=self.node_id)
 
-    async def _serve(self, connection: PeerConnection, initiator: str | None) -> None:
-        """Hello both ways, then run the link until it ends."""
+    async def _greet(self, connection: PeerConnection, dialled: str | None) -> Hello | None:
+        """Hello both ways; None (the connection closed, the reason logged) if the peer may
+        not have a link now. ``dialled``: the peer id this node dialled."""
         unavailable = self._state_unavailable()
         if unavailable is not None:
             _log.info("connection closed", remote=connection.label, reason=unavailable)
             await connection.close(unavailable)
-            return
+            return None
         try:
             hello = await self._exchange_hello(connection)
-        except (PeerDisconnected, HelloRefused) as error:
-            _log.warning("peer refused", remote=connection.label, reason=str(error))
+            if dialled is not None and hello.node_id != dialled:
+                raise HelloRefused(
+                    f"dialled {dialled} at {connection.label}, but the peer says it is "
+                    f"{hello.node_id!r}",
+                    op="hello",
+                    peer=dialled,
+                    hint="check the peer's address in replication.peers",
+                )
+        except PeerClosed as error:  # it closed first (a duplicate of a simultaneous dial)
+            _log.info("connection closed by the peer during Hello", remote=connection.label,
+                      reason=error.message)  # fmt: skip
             await connection.abort()
-            return
+            return None
+        except (PeerDisconnected, HelloRefused) as error:
+            self.faults.count("hello")
+            source = dialled or connection.label.rpartition(":")[0]
+            if self._throttle.allow(("hello", source)) is not None:
+                _log.warning("peer refused", remote=connection.label, reason=str(error),
+                             **({KEY_PEER: dialled} if dialled else {}))  # fmt: skip
+            await connection.abort()
+            return None
+        return hello
+
+    async def _serve(self, connection: PeerConnection, hello: Hello, initiator: str | None) -> None:
+        """Run the link until it ends. Whatever goes wrong with one peer ends that link (logged
+        with the peer id and the reason), never the node; only a broken local database
+        stops it."""
         peer_id = hello.node_id
         log = _log.bind(**{KEY_PEER: peer_id})
+        link: Link | None = None
+        try:
+            link = await self._admit(connection, hello, initiator, log)
+            if link is None:
+                return
+            try:
+                await self._run_link(link)
+                log.info("peer link closed")
+            finally:
+                await self._link_done(peer_id, link)
+        except PeerDisconnected as error:
+            if self._stopping:
+                log.info("peer link closed", reason="node shutting down")
+            elif link is not None and self.links.get(peer_id) not in (None, link):
+                log.info("peer link closed", reason="replaced by a newer connection")
+            else:
+                self.status[peer_id].failed(error.message)
+                log.warning("peer disconnected", reason=error.message)
+        except Exception as error:
+            fault = _database_fault(error)
+            if fault is not None:
+                raise fault from error
+            self.faults.count("link_error")
+            self.status[peer_id].failed(f"{type(error).__name__}: {error}")
+            log.error(
+                "peer link failed: disconnected",
+                reason=f"{type(error).__name__}: {error}",
+                exc_info=self._throttle.allow(("link_error", peer_id)) is not None,
+            )
+        finally:
+            await connection.abort()
+
+    async def _admit(
+        self, connection: PeerConnection, hello: Hello, initiator: str | None, log: Any
+    ) -> Link | None:
+        """The link for this connection, or None when it must not replace the peer's link."""
+        peer_id = hello.node_id
         self.alarms.pop(f"needs_snapshot:{peer_id}", None)  # the link raises it again if so
         preferred = min(self.node_id, peer_id)
         dialled_by = initiator if initiator is not None else peer_id
         existing = self.links.get(peer_id)
         if existing is not None:
-            if dialled_by != preferred:
+            settled = time.monotonic() - existing.started_at >= self._settle_seconds
+            if settled and existing.heard_within(self._fresh_seconds):
+                # A live link stays: a newcomer with the same id is a duplicate at best, an
+                # impostor at worst.
+                self.faults.count("identity")
+                if self._throttle.allow(("duplicate", peer_id)) is not None:
+                    log.warning("connection refused: this peer's link is alive",
+                                remote=connection.label, dialled_by=dialled_by)  # fmt: skip
+                await connection.close("duplicate connection")
+                return None
+            if not settled and dialled_by != preferred:
+                # Both dialled at once: both sides keep the connection the smaller id dialled.
                 log.debug("duplicate connection closed", dialled_by=dialled_by)
                 await connection.close("duplicate connection")
-                return
-            await existing.close("replaced by the preferred connection")
+                return None
+            # The preferred connection of a simultaneous dial, or one replacing a dead link.
+            await existing.close(
+                "replaced by the preferred connection" if not settled else "replaced: link silent"
+            )
         link = Link(
             connection,
             hello,
@@ -883,6 +1090,8 @@ class Node:
             cluster=self.cluster,
             snapshots=self.resync,
             pause=self.pause_switch,
+            alarms=self.alarms,
+            faults=self.faults,
         )
         behind = self._changes_behind(hello.version_vector)
         recovery = self.config.replication.recovery
@@ -896,25 +1105,29 @@ class Node:
             )
         self.links[peer_id] = link
         log.info("peer connected", remote=connection.label, dialled_by=dialled_by)
-        try:
-            await self._run_link(link)
-            log.info("peer link closed")
-        except PeerDisconnected as error:
-            if self._stopping:
-                log.info("peer link closed", reason="node shutting down")
-            else:
-                self.status[peer_id].failed(error.message)
-                log.warning("peer disconnected", reason=error.message)
-        finally:
-            if self.links.get(peer_id) is link:  # not replaced by a preferred connection
-                self.resync.abandon(peer_id)
-                del self.links[peer_id]
-                ended, self._link_ended = self._link_ended, trio.Event()
-                ended.set()
-                self.status[peer_id].state = "disconnected"
-                self._peer_roles.pop(peer_id, None)
-                self._check_split_brain()
-            await connection.abort()
+        return link
+
+    async def _link_done(self, peer_id: str, link: Link) -> None:
+        if self.links.get(peer_id) is not link:  # replaced by a newer connection
+            return
+        del self.links[peer_id]
+        ended, self._link_ended = self._link_ended, trio.Event()
+        ended.set()
+        self.status[peer_id].state = "disconnected"
+        self._peer_roles.pop(peer_id, None)
+        self._check_split_brain()
+        with trio.CancelScope(shield=True):
+            await self.resync.abandon(peer_id)
+
+    @property
+    def _settle_seconds(self) -> float:
+        """How young a link may be and still lose to a connection dialled at the same time."""
+        return max(1.0, 2 * self.options.link.heartbeat_interval)
+
+    @property
+    def _fresh_seconds(self) -> float:
+        """How recently a link's peer must have spoken for the link to count as alive."""
+        return max(2.0, 3 * self.options.link.heartbeat_interval)
 
     async def _run_link(self, link: Link) -> None:
         """The link, with a write the disk refused (in a snapshot merge, say) turned into the
@@ -946,9 +1159,17 @@ class Node:
             version_vector=vector,
             settings=self._settings,
         )
-        with trio.fail_after(self.options.hello_timeout):
-            await connection.send(hello)
-            reply = await connection.receive()
+        try:
+            with trio.fail_after(self.options.hello_timeout):
+                await connection.send(hello)
+                reply = await connection.receive()
+        except trio.TooSlowError:
+            raise PeerDisconnected(
+                f"no Hello within {self.options.hello_timeout:g}s", op="hello",
+                peer=connection.label,
+            ) from None  # fmt: skip
+        if isinstance(reply, Goodbye):
+            raise PeerClosed(f"peer said goodbye: {reply.reason}", op="hello")
         if not isinstance(reply, Hello):
             raise HelloRefused(f"expected Hello, got {type(reply).__name__}", op="hello")
         check_hello(reply, local_id=self.node_id, expected=self.peers, settings=self._settings)
@@ -966,6 +1187,50 @@ class Node:
     async def _apply(
         self, changes: Sequence[Change], skips: Sequence[Skip]
     ) -> tuple[ApplyResult, dict[Origin, int]]:
+        """Apply a batch in transactions the pacer sizes (each short, each followed by a rest
+        that lets the application's writers in); acknowledged once all committed."""
+        total = ApplyResult()
+        start = 0
+        while True:
+            size = self._pacer.piece_size()
+            final = start + size >= len(changes)
+            await self._pacer.wait_turn()
+            result = await self._apply_piece(changes[start : start + size], skips, final=final)
+            total.add(result)
+            if final:
+                self._note_refused(total)
+                return total, total.held
+            start += size
+
+    def _note_refused(self, result: ApplyResult) -> None:
+        """Count what a batch held that could not be applied, and keep the alarms true."""
+        if result.not_replicated:
+            self.faults.count("not_replicated_table", result.not_replicated)
+        if result.malformed:
+            self.faults.count("malformed_change", result.malformed)
+        if result.quarantined:
+            self._counts["quarantined"] += result.quarantined
+            self._quarantine_alarm()
+
+    def _quarantine_alarm(self) -> None:
+        held = self._counts["quarantined"]
+        dropped = self._applier.quarantine_dropped if self._applier is not None else 0
+        if held:
+            self.alarms["quarantine"] = (
+                f"{held} changes from peers could not be applied here and are quarantined "
+                "(table _repl_quarantine)"
+            )
+        else:
+            self.alarms.pop("quarantine", None)
+        if dropped:
+            self.alarms["quarantine_full"] = (
+                f"the quarantine is full: {dropped} more changes that could not be applied "
+                "were dropped"
+            )
+
+    async def _apply_piece(
+        self, changes: Sequence[Change], skips: Sequence[Skip], *, final: bool
+    ) -> ApplyResult:
         assert self._applier is not None
         conn = self._applier.store.conn
         # A commit that waits for the disk (synchronous FULL) is never made on the loop.
@@ -975,7 +1240,7 @@ class Node:
                 return await dbcall.call(
                     conn,
                     self._apply_limiter,
-                    functools.partial(self._apply_sync, changes, skips),
+                    functools.partial(self._apply_sync, changes, skips, final),
                     inline=few,
                 )
             except sqlite3.OperationalError as error:
@@ -985,16 +1250,18 @@ class Node:
                                            op="apply") from None  # fmt: skip
                 if not dbcall.is_busy(error):
                     raise
-                _log.warning("state database busy; retrying the batch", error=str(error))
+                if self._throttle.allow("busy") is not None:
+                    _log.warning("state database busy; retrying the batch", error=str(error))
                 await trio.sleep(0.05)
 
     def _apply_sync(
-        self, changes: Sequence[Change], skips: Sequence[Skip], quick: bool = False
-    ) -> tuple[ApplyResult, dict[Origin, int]]:
+        self, changes: Sequence[Change], skips: Sequence[Skip], final: bool, quick: bool = False
+    ) -> ApplyResult:
         assert self._applier is not None
-        result = self._applier.apply(changes, skips)
+        result = self._applier.apply(changes, skips, final=final)
+        self._pacer.applied(len(changes) + len(skips), self._applier.store.last_hold)
         self._vector_cache = result.held
-        return result, result.held
+        return result
 
     def _check_persistence(self, store: Store) -> None:
         """``state.persistence``: what the appliance keeps must be in the state database."""
@@ -1043,6 +1310,12 @@ class Node:
         assert self._applier is not None
         self._vector_cache = self._applier.store.version_vector()
         return self._vector_cache
+
+    def _open_store(self) -> Store:
+        """A connection of the node's own, its write transactions timed by the pacer."""
+        store = Store.open(self.store_settings, prepare=False)
+        store.hold_observer = self._pacer.held
+        return store
 
     def _log_end(self) -> int:
         return 0 if self._detector is None else self._detector.position
@@ -1102,12 +1375,52 @@ def _read_schema(path: str | None) -> str | None:
         raise ConfigError(f"state.schema: cannot read {path}: {error.strerror}") from None
 
 
-def _describe_remote(stream: trio.SocketStream) -> str:
+def _describe_remote(stream: trio.SocketStream) -> tuple[str, str]:
+    """``host:port`` of the remote end, and the host alone (the source address)."""
     try:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
-        return "unknown"
-    return f"{host}:{port}"
+        return "unknown", "unknown"
+    return f"{host}:{port}", str(host)
+
+
+# SQLite result codes that mean the file itself is unusable (not a full disk, not a bad row,
+# not a file that cannot be opened for want of descriptors just now).
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def _database_fault(error: BaseException) -> DatabaseFault | None:
+    """The fault that must stop the node, if ``error`` (or one inside it) is one."""
+    pending = [error]
+    while pending:
+        leaf = pending.pop()
+        if isinstance(leaf, BaseExceptionGroup):
+            pending.extend(leaf.exceptions)
+        elif isinstance(leaf, DatabaseFault):
+            return leaf
+        elif isinstance(leaf, sqlite3.DatabaseError) and (
+            getattr(leaf, "sqlite_errorcode", 0) & 0xFF
+        ) in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            return DatabaseFault(
+                f"the state database is unusable: {leaf}",
+                op="database",
+                hint="stop the node and restore it (replicator backup restore, or recovery at "
+                "start with state.recovery.auto_recover)",
+            )
+    return None
+
+
+def _raise_descriptor_limit() -> None:
+    """Raise the soft limit on open files to the hard one: every peer, handshake and SQLite
+    connection costs descriptors, and a flood of connections must not exhaust them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    for target in (wanted, 1 << 16):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(target, wanted), hard))
+            return
 
 
 def _read_counts(conn: sqlite3.Connection) -> dict[str, Any]:

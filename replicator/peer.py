@@ -7,7 +7,10 @@ Every trio stream error and every protocol error becomes `PeerDisconnected`, log
 caller with the peer's node id; nothing about the reason is ever sent to the peer.
 
 Reading is done by one task at a time (`receive`); sends are serialised by a lock, so a
-heartbeat and a batch never interleave their bytes.
+heartbeat and a batch never interleave their bytes. A read that completes a large frame is
+decrypted and decoded in a worker thread, so a peer's 16 MiB batch never stalls the event loop
+(and every other peer's heartbeats) while it is parsed; a second lock keeps the session to one
+thread at a time, and is never held across network I/O.
 """
 
 from __future__ import annotations
@@ -25,19 +28,26 @@ from protocol import (
     HandshakeComplete,
     Keyring,
     Message,
+    MessageTooLarge,
     ProtocolError,
     Session,
     SessionSettings,
 )
 from replicator.errors import ReplicationError
 
-__all__ = ["PeerConnection", "PeerDisconnected", "PeerSettings"]
+__all__ = ["PeerClosed", "PeerConnection", "PeerDisconnected", "PeerSettings"]
 
 _READ_SIZE = 1 << 16
+# Frames at least this large are decoded (and messages this large encoded) in a worker thread.
+OFF_LOOP_BYTES = 1 << 18
 
 
 class PeerDisconnected(ReplicationError):
     """The connection is over: closed, broken, timed out, or refused at the protocol level."""
+
+
+class PeerClosed(PeerDisconnected):
+    """The peer ended the connection in order (end of stream, or a goodbye)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +68,7 @@ class PeerConnection:
         self.bytes_received = 0
         self._events: deque[Message] = deque()
         self._send_lock = trio.Lock()
+        self._session_lock = trio.Lock()
         self._closed = False
         self._peer_closed = False
 
@@ -129,20 +140,27 @@ class PeerConnection:
 
     # -- traffic ---------------------------------------------------------------------------
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: Message, *, large: bool = False) -> None:
+        """Seal and write one message. ``large``: encode it in a worker thread. Raises
+        `MessageTooLarge` (the connection stays usable) for a message over the cap."""
         async with self._send_lock:
-            try:
-                data = self.session.send(message)
-            except ProtocolError as error:
-                raise PeerDisconnected(str(error), op="send", peer=self.label) from None
+            async with self._session_lock:
+                try:
+                    if large:
+                        data = await trio.to_thread.run_sync(self.session.send, message)
+                    else:
+                        data = self.session.send(message)
+                except MessageTooLarge:
+                    raise
+                except ProtocolError as error:
+                    raise PeerDisconnected(str(error), op="send", peer=self.label) from None
             await self._write(data)
 
     async def receive(self) -> Message:
         """The next message from the peer; `PeerDisconnected` when the stream ends."""
         while not self._events:
             if self._peer_closed:
-                raise PeerDisconnected("peer closed the connection", op="receive",
-                                       peer=self.label)  # fmt: skip
+                raise PeerClosed("peer closed the connection", op="receive", peer=self.label)
             for event in await self._read_events():
                 if isinstance(event, ConnectionClosed):
                     self._peer_closed = True
@@ -179,10 +197,14 @@ class PeerConnection:
             raise PeerDisconnected(f"connection lost: {_describe(error)}", op="receive",
                                    peer=self.label) from None  # fmt: skip
         self.bytes_received += len(data)
-        try:
-            return self.session.receive_data(bytes(data))
-        except ProtocolError as error:
-            raise PeerDisconnected(str(error), op="receive", peer=self.label) from None
+        async with self._session_lock:
+            size, buffered = self.session.incomplete_frame()
+            try:
+                if size >= OFF_LOOP_BYTES and buffered + len(data) >= size:
+                    return await trio.to_thread.run_sync(self.session.receive_data, bytes(data))
+                return self.session.receive_data(bytes(data))
+            except ProtocolError as error:
+                raise PeerDisconnected(str(error), op="receive", peer=self.label) from None
 
     async def _flush_protocol_output(self) -> None:
         data = self.session.data_to_send()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -20,8 +20,15 @@ from replicator.config import ResyncConfig
 from replicator.divergence import Checksums
 from replicator.filters import RowFilter
 from replicator.log import KEY_PEER, get_logger
+from replicator.pacing import WritePacer
 from replicator.peer import PeerConnection, PeerDisconnected
-from replicator.snapshot import SnapshotError, SnapshotMerge, SnapshotProgress, SnapshotSource
+from replicator.snapshot import (
+    SnapshotError,
+    SnapshotMerge,
+    SnapshotProgress,
+    SnapshotSource,
+    discard_staged,
+)
 from replicator.store import StoreSettings
 
 if TYPE_CHECKING:
@@ -45,7 +52,9 @@ class Resync:
         current_vector: Callable[[], dict[Origin, int]],
         view: Callable[[], RowFilter | None] = lambda: None,
         before_full_merge: Callable[[str], Awaitable[None]] | None = None,
+        pacer: WritePacer | None = None,
     ) -> None:
+        self._pacer = pacer
         self.settings = settings
         self.recovery = recovery
         self._applier = applier
@@ -136,16 +145,23 @@ class Resync:
     # -- receiving -------------------------------------------------------------------------
 
     async def begin(self, peer: str, message: SnapshotBegin) -> None:
+        await self.abandon(peer)  # a new snapshot replaces one the peer did not finish
         progress = SnapshotProgress(peer, "receiving", "sent by the peer")
         progress.total_rows = sum(table.row_count for table in message.tables)
         self.progress[peer, "receiving"] = progress
         _log.info("receiving a snapshot", rows=progress.total_rows, **{KEY_PEER: peer})
         try:
             self._merges[peer] = await trio.to_thread.run_sync(
-                SnapshotMerge, self._applier(), message, peer, self._view(), limiter=self._limiter
+                SnapshotMerge,
+                self._applier(),
+                message,
+                peer,
+                self._view(),
+                self._pacer,
+                limiter=self._limiter,
             )
         except SnapshotError as error:
-            self._fail(peer, error)
+            await self._fail(peer, error)
 
     async def chunk(self, peer: str, message: SnapshotChunk) -> None:
         merge = self._merges.get(peer)
@@ -154,7 +170,7 @@ class Resync:
         try:
             await trio.to_thread.run_sync(merge.chunk, message, limiter=self._limiter)
         except SnapshotError as error:
-            self._fail(peer, error)
+            await self._fail(peer, error, merge)
         progress = self.progress[peer, "receiving"]
         progress.rows = merge.rows
 
@@ -170,7 +186,7 @@ class Resync:
                 lambda: merge.finish(message, verify=verify), limiter=self._limiter
             )
         except SnapshotError as error:
-            self._fail(peer, error)
+            await self._fail(peer, error, merge)
         await trio.to_thread.run_sync(self.refresh_floor, limiter=self._limiter)
         progress = self.progress[peer, "receiving"]
         progress.finish()
@@ -182,16 +198,27 @@ class Resync:
             self._on_merged(vector)
         return vector
 
-    def abandon(self, peer: str) -> None:
-        """The link to ``peer`` ended: a snapshot it was sending will not finish."""
-        if self._merges.pop(peer, None) is not None:
+    async def abandon(self, peer: str) -> None:
+        """The link to ``peer`` ended: a snapshot it was sending will not finish, and what
+        was staged of it is deleted (it would only take space)."""
+        merge = self._merges.pop(peer, None)
+        if merge is not None:
             self.progress[peer, "receiving"].finish("connection ended")
+            await trio.to_thread.run_sync(merge.discard, limiter=self._limiter)
         sending = self.progress.get((peer, "sending"))
         if sending is not None and sending.state == "running":
             sending.finish("connection ended")
 
-    def _fail(self, peer: str, error: SnapshotError) -> None:
+    def clear_staging(self) -> None:
+        """Blocking, at start: nothing staged before can finish now."""
+        discard_staged(self._applier().store)
+
+    async def _fail(
+        self, peer: str, error: SnapshotError, merge: SnapshotMerge | None = None
+    ) -> NoReturn:
         self._merges.pop(peer, None)
+        if merge is not None:
+            await trio.to_thread.run_sync(merge.discard, limiter=self._limiter)
         progress = self.progress.get((peer, "receiving"))
         if progress is not None:
             progress.finish(error.message)

@@ -40,7 +40,7 @@ from protocol import (
     SnapshotTable,
 )
 from protocol.checks import SqlValue
-from replicator.applier import Applier, delete_sql, upsert_sql
+from replicator.applier import Applier, delete_sql, unless_row_error, upsert_sql
 from replicator.divergence import (
     TAMPERED,
     Checksums,
@@ -54,8 +54,9 @@ from replicator.divergence import (
 from replicator.errors import ReplicationError
 from replicator.filters import RowFilter
 from replicator.log import KEY_PEER, get_logger
+from replicator.pacing import WritePacer
 from replicator.rows import key_sql, parse_key, quote_identifier
-from replicator.store import StoreSettings, connect
+from replicator.store import Store, StoreSettings, connect
 from replicator.tables import TableInfo
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
 _log = get_logger("snapshot")
 CHUNK_ROWS = 1000
 CHUNK_BYTES = 1 << 20
+MERGE_ROWS = 250  # rows merged per transaction
 
 
 class SnapshotError(ReplicationError):
@@ -203,15 +205,17 @@ class SnapshotSource:
                 name: mine[name].differing(theirs) for name, theirs in self.repair.items()
                 if name in mine
             }  # fmt: skip
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
         described = []
         for name, info in sorted(self.tables.items()):
             (live_rows,) = conn.execute(f"SELECT count(*) FROM {quote_identifier(name)}").fetchone()
             (tombstones,) = conn.execute(
                 "SELECT count(*) FROM _repl_rowmeta WHERE tbl = ? AND deleted", (name,)
             ).fetchone()
-            described.append(
-                SnapshotTable(name, info.columns, info.primary_key, live_rows + tombstones)
-            )
+            rows = live_rows + tombstones
+            bound = declared_bytes(info, rows, pages * page_size)
+            described.append(SnapshotTable(name, info.columns, info.primary_key, rows, bound))
         ranges = {name: _bitmap(buckets) for name, buckets in self.ranges.items()}
         return SnapshotBegin(self.ident, dict(self.vector), tuple(described), ranges)
 
@@ -324,9 +328,15 @@ class SnapshotMerge:
     """Merges one snapshot into the applier's database (use from one thread at a time)."""
 
     def __init__(
-        self, applier: Applier, begin: SnapshotBegin, peer: str, view: RowFilter | None = None
+        self,
+        applier: Applier,
+        begin: SnapshotBegin,
+        peer: str,
+        view: RowFilter | None = None,
+        pacer: WritePacer | None = None,
     ) -> None:
         self.applier = applier
+        self.pacer = pacer  # spaces the merge's transactions out (see `replicator.pacing`)
         self.view = view  # the rows this node shares: the others never came from the sender
         self.begin = begin
         self.peer = peer
@@ -349,6 +359,10 @@ class SnapshotMerge:
                     peer=peer,
                 )
         self.expected = {table.name for table in begin.tables}
+        # What the sender declared: staged rows and bytes never go beyond it.
+        self.declared = {table.name: table for table in begin.tables}
+        self.staged_rows: dict[str, int] = {}
+        self.staged_bytes: dict[str, int] = {}
         self.ranges = {name: _buckets(bitmap) for name, bitmap in begin.ranges.items()}
         self.partial = bool(begin.ranges)  # a repair: rows mended, the vector left alone
         self.checksums: dict[str, int] = {}
@@ -360,7 +374,6 @@ class SnapshotMerge:
         self._live_done: set[str] = set()
         self._current: str | None = None
         self._next_index: dict[str, int] = {}
-        self._staging = False
         # Per table, keys the sender holds but withheld: never swept away here.
         self._protected: dict[str, set[str]] = {}
 
@@ -376,19 +389,36 @@ class SnapshotMerge:
                                 op="snapshot", peer=self.peer)  # fmt: skip
         self._next_index[chunk.table] = chunk.index + 1
         store = self.applier.store
+        info = store.tables[chunk.table]
+        for row in chunk.rows:
+            problem = _malformed_row(info, row)
+            if problem is not None:
+                raise SnapshotError(f"snapshot from {self.peer}: a row of {chunk.table!r}: "
+                                    f"{problem}", op="snapshot", peer=self.peer)  # fmt: skip
+        staged = _stage_rows(chunk.rows)
+        declared = self.declared[chunk.table]
+        rows = self.staged_rows[chunk.table] = self.staged_rows.get(chunk.table, 0) + len(
+            chunk.rows
+        )
+        size = self.staged_bytes[chunk.table] = self.staged_bytes.get(chunk.table, 0) + len(staged)
+        if rows > declared.row_count or size > declared.max_bytes:
+            raise SnapshotError(
+                f"snapshot from {self.peer} sends more of {chunk.table!r} than it declared "
+                f"({rows} rows, {size} bytes; declared {declared.row_count} rows, "
+                f"{declared.max_bytes} bytes)",
+                op="snapshot",
+                peer=self.peer,
+            )
         checksum = self.checksums.get(chunk.table, 0)
         for row in chunk.rows:
             checksum = fold(checksum, row_hash(chunk.table, store.key(row.pk), row))
         self.checksums[chunk.table] = checksum
         self.rows += len(chunk.rows)
-        staged = [(chunk.table, _stage_rows(chunk.rows))]
         store.begin_immediate()
         try:
-            if not self._staging:
-                store.conn.execute("DELETE FROM _repl_snapshot_stage")
-                self._staging = True
-            store.conn.executemany(
-                "INSERT INTO _repl_snapshot_stage (tbl, row) VALUES (?, ?)", staged
+            store.conn.execute(
+                "INSERT INTO _repl_snapshot_stage (snapshot, tbl, row) VALUES (?, ?, ?)",
+                (self.begin.snapshot_id, chunk.table, staged),
             )
             store.commit()
         except BaseException:
@@ -401,13 +431,20 @@ class SnapshotMerge:
         after = 0
         while True:
             staged = conn.execute(
-                "SELECT id, tbl, row FROM _repl_snapshot_stage WHERE id > ? ORDER BY id LIMIT 1",
-                (after,),
+                "SELECT id, tbl, row FROM _repl_snapshot_stage WHERE snapshot = ? AND id > ?"
+                " ORDER BY id LIMIT 1",
+                (self.begin.snapshot_id, after),
             ).fetchone()
             if staged is None:
                 return
             after, table, data = staged
-            self._merge_chunk(table, _unstage_rows(data))
+            rows = _unstage_rows(data)
+            # A staged chunk is merged in a few short transactions: the application's own
+            # writers wait for none of them long.
+            for start in range(0, len(rows), MERGE_ROWS):
+                if self.pacer is not None:
+                    self.pacer.wait_turn_blocking()
+                self._merge_chunk(table, rows[start : start + MERGE_ROWS])
 
     def _merge_chunk(self, table: str, rows: Sequence[SnapshotRow]) -> None:
         if self._current is not None and self._current != table:
@@ -455,8 +492,10 @@ class SnapshotMerge:
             conn.executemany(delete, deletes)
             conn.executemany(upsert, upserts)
             written = winners
-        except sqlite3.IntegrityError:
-            # Some row here holds one of a row's UNIQUE values: find which, keep ours.
+        except sqlite3.Error as error:
+            unless_row_error(conn, error)
+            # Some row here holds one of a row's UNIQUE values (or cannot be written for
+            # another reason of its own): find which, keep ours.
             written = [(key, row) for key, row in winners if self._write_one(conn, info, key, row)]
         conn.executemany(_SAVE_VERSION, [_version_params(info.name, k, r) for k, r in written])
         highest = max((row.version.hlc for _, row in written), default=0)
@@ -474,7 +513,8 @@ class SnapshotMerge:
                 conn.execute(
                     upsert_sql(info, info.columns), [row.values.get(c) for c in info.columns]
                 )
-        except sqlite3.IntegrityError as error:
+        except sqlite3.Error as error:
+            unless_row_error(conn, error)
             self.refused += 1
             _log.warning("snapshot row refused here", reason=str(error), key=key,
                          table=info.name, **{KEY_PEER: self.peer})  # fmt: skip
@@ -605,7 +645,9 @@ class SnapshotMerge:
                     (origin.node_id, origin.incarnation, seq),
                 )
             vector = store.version_vector()
-            conn.execute("DELETE FROM _repl_snapshot_stage")
+            conn.execute(
+                "DELETE FROM _repl_snapshot_stage WHERE snapshot = ?", (self.begin.snapshot_id,)
+            )
         _log.info("snapshot merged", rows=self.rows, written=self.written, removed=self.removed,
                   **{KEY_PEER: self.peer})  # fmt: skip
         return vector
@@ -628,14 +670,7 @@ class SnapshotMerge:
 
     def discard(self) -> None:
         """Forget the rows held for this snapshot (it failed or was abandoned)."""
-        store = self.applier.store
-        store.begin_immediate()
-        try:
-            store.conn.execute("DELETE FROM _repl_snapshot_stage")
-            store.commit()
-        except BaseException:
-            store.rollback()
-            raise
+        discard_staged(self.applier.store, self.begin.snapshot_id)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -651,6 +686,50 @@ class SnapshotMerge:
         except BaseException:
             store.rollback()
             raise
+
+
+def discard_staged(store: Store, snapshot_id: int | None = None) -> None:
+    """Delete the staged chunks of one snapshot (all of them: ``None``, as at start, when
+    whatever a crash left staged belongs to snapshots that will never finish)."""
+    store.begin_immediate()
+    try:
+        if snapshot_id is None:
+            store.conn.execute("DELETE FROM _repl_snapshot_stage")
+        else:
+            store.conn.execute(
+                "DELETE FROM _repl_snapshot_stage WHERE snapshot = ?", (snapshot_id,)
+            )
+        store.commit()
+    except BaseException:
+        store.rollback()
+        raise
+
+
+def _malformed_row(info: TableInfo, row: SnapshotRow) -> str | None:
+    """Why a snapshot row cannot be a row of this table (None: it can)."""
+    key = info.primary_key
+    if len(row.pk) != len(key):
+        return f"key has {len(row.pk)} values, the table's key has {len(key)} columns"
+    if row.values is None:
+        return None
+    unknown = row.values.keys() - set(info.columns)
+    if unknown:
+        return f"unknown columns {sorted(unknown)}"
+    for column, value in zip(key, row.pk, strict=True):
+        if column not in row.values:
+            return f"row lacks key column {column!r}"
+        stored = row.values[column]
+        if stored != value or type(stored) is not type(value):
+            return f"row's {column!r} contradicts its key"
+    return None
+
+
+def declared_bytes(info: TableInfo, rows: int, file_size: int) -> int:
+    """An upper bound on what ``rows`` rows of a table take staged: their values cannot hold
+    more than the file they come from (counted twice: key values travel twice), and each
+    row adds its column names and msgpack's headers (a generous per-row allowance)."""
+    per_row = 512 + sum(len(column.encode()) + 16 for column in info.columns)
+    return 2 * file_size + rows * per_row
 
 
 def _stage_rows(rows: Sequence[SnapshotRow]) -> bytes:

@@ -9,8 +9,10 @@ short transaction, so the application's own writers never wait long.
 
 from __future__ import annotations
 
+import os
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +24,15 @@ from replicator.migrations import migrate
 from replicator.rows import decode_row, key_sql, pk_key, quote_identifier
 from replicator.tables import (
     OP_SKIP,
+    SIZE_LIMIT_TRIGGER,
     TRIGGER_PREFIX,
     TableInfo,
     inspect_table,
+    size_limit_statement,
     trigger_statements,
 )
 
-__all__ = ["ClockState", "LogRecord", "Store", "StoreSettings", "connect"]
+__all__ = ["ClockState", "LogRecord", "Store", "StoreSettings", "connect", "create_private"]
 
 _log = get_logger("store")
 _ALLOWED_PRAGMAS = frozenset(
@@ -59,14 +63,32 @@ class ClockState:
 
 @dataclass(frozen=True, slots=True)
 class LogRecord:
-    """One `_repl_log` entry: a change or a skip marker, at its local log position."""
+    """One `_repl_log` entry: a change or a skip marker, at its local log position. ``size``
+    is the stored size of its rows: about what they take in a message (senders cut batches
+    by it)."""
 
     position: int
     entry: Change | Skip
+    size: int = 0
+
+
+def create_private(path: str) -> None:
+    """Create the database file mode 0640 before SQLite does: its ``-wal`` and ``-shm`` take
+    the file's mode, and the state is nobody else's to read. An existing file is left as the
+    application made it."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o640)
+    except OSError:  # it exists (or cannot be made: SQLite says why when it opens it)
+        return
+    try:
+        os.fchmod(fd, 0o640)  # whatever the umask
+    finally:
+        os.close(fd)
 
 
 def connect(settings: StoreSettings) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), pragmas applied."""
+    create_private(settings.path)
     try:
         conn = sqlite3.connect(settings.path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout_ms)}")
@@ -101,6 +123,10 @@ class Store:
         self.settings = settings
         self.tables = tables
         self.origin = self.clock().origin
+        # Told how long each write transaction held the lock (the node's pacer listens).
+        self.hold_observer: Callable[[float], None] | None = None
+        self.last_hold = 0.0  # seconds the last write transaction held the lock
+        self._began = 0.0
 
     @classmethod
     def open(cls, settings: StoreSettings, *, prepare: bool = True) -> Store:
@@ -126,13 +152,23 @@ class Store:
 
     def begin_immediate(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
+        self._began = time.perf_counter()
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")
+        self._held()
 
     def rollback(self) -> None:
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
+            self._held()
+
+    def _held(self) -> None:
+        if self._began:
+            self.last_hold = time.perf_counter() - self._began
+            if self.hold_observer is not None:
+                self.hold_observer(self.last_hold)
+        self._began = 0.0
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -205,6 +241,7 @@ class Store:
             return LogRecord(position, Skip(origin, first_seq, origin_seq))
         new = decode_row(new_row)
         old = decode_row(old_row)
+        size = _stored_size(new_row) + _stored_size(old_row)
         info = self.tables.get(table)
         source = new if new is not None else old
         if info is not None and source is not None:
@@ -227,6 +264,7 @@ class Store:
                 else RowVersion(prev_hlc, Origin(prev_node, prev_inc), prev_gen),
                 resolves=resolves,
             ),
+            size,
         )
 
     def log_floor(self) -> dict[Origin, int]:
@@ -336,6 +374,14 @@ class Store:
         _log.info("recaptured rows written during a schema change", table=info.name, rows=len(keys))
 
 
+def _stored_size(stored: str | bytes | None) -> int:
+    if stored is None:
+        return 0
+    if isinstance(stored, str) and not stored.isascii():
+        return len(stored.encode())
+    return len(stored)
+
+
 def _apply_application_schema(conn: sqlite3.Connection, settings: StoreSettings) -> None:
     if settings.schema_sql is None:
         return
@@ -402,6 +448,7 @@ def install_triggers(
         every = {
             trigger: sql for statements in wanted.values() for trigger, sql in statements.items()
         }
+        every[SIZE_LIMIT_TRIGGER] = size_limit_statement()
         for trigger, sql in existing.items():
             if every.get(trigger) != sql:
                 conn.execute(f"DROP TRIGGER {quote_identifier(trigger)}")
@@ -412,6 +459,8 @@ def install_triggers(
                 conn.execute(sql)
             if stale:
                 changed.append(table)
+        if existing.get(SIZE_LIMIT_TRIGGER) != every[SIZE_LIMIT_TRIGGER]:
+            conn.execute(every[SIZE_LIMIT_TRIGGER])
         if not in_transaction:
             conn.execute("COMMIT")
     except BaseException:

@@ -22,10 +22,23 @@ from replicator.errors import SchemaError
 from replicator.hlc import TICK_SQL, tick_sql
 from replicator.rows import key_sql, quote_identifier, quote_literal, row_json_sql
 
-__all__ = ["TRIGGER_PREFIX", "TableInfo", "inspect_table", "trigger_statements"]
+__all__ = [
+    "MAX_CHANGE_BYTES",
+    "SIZE_LIMIT_TRIGGER",
+    "TRIGGER_PREFIX",
+    "TableInfo",
+    "inspect_table",
+    "size_limit_statement",
+    "trigger_statements",
+]
 
 TRIGGER_PREFIX = "_repl_capture_"
 MAX_EVICTION_KEY_COLUMNS = 8  # _repl_evict holds up to eight key columns
+MAX_CHANGE_BYTES = 15 << 20
+"""The largest change capture accepts (its rows before and after, as logged; a blob counts
+twice, logged as hex): a change must fit one message (16 MiB) to replicate, so a larger one is
+refused in the application's own statement rather than left to halt replication later."""
+SIZE_LIMIT_TRIGGER = f"{TRIGGER_PREFIX}_size_limit"
 OP_SKIP, OP_INSERT, OP_UPDATE, OP_DELETE = 0, 1, 2, 3
 
 
@@ -204,6 +217,23 @@ def _capture_evictions(table: TableInfo) -> str:
         log_seq = log_seq + {count}
     WHERE id = 1 AND {count} > 0;
     DELETE FROM _repl_evict;"""
+
+
+def size_limit_statement() -> str:
+    """The trigger refusing, in the application's transaction, a change too large to send."""
+    size = (
+        "COALESCE(length(CAST(NEW.new_row AS BLOB)), 0)"
+        " + COALESCE(length(CAST(NEW.old_row AS BLOB)), 0)"
+    )
+    message = quote_literal(
+        f"replicator: this change is larger than {MAX_CHANGE_BYTES >> 20} MiB (the rows before "
+        "and after, blobs counted twice) and cannot be replicated; store large values elsewhere"
+    )
+    return (
+        f"CREATE TRIGGER {quote_identifier(SIZE_LIMIT_TRIGGER)} BEFORE INSERT ON _repl_log\n"
+        f"WHEN NOT EXISTS (SELECT 1 FROM _repl_applying) AND {size} > {MAX_CHANGE_BYTES}\n"
+        f"BEGIN SELECT RAISE(ABORT, {message}); END"
+    )
 
 
 def trigger_statements(table: TableInfo) -> dict[str, str]:

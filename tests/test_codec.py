@@ -10,7 +10,15 @@ import lz4.block
 import msgpack
 import pytest
 
-from protocol import Changes, Goodbye, Hello, Message, Origin, RemoteProtocolError
+from protocol import (
+    PROTOCOL_VERSION,
+    Changes,
+    Goodbye,
+    Hello,
+    Message,
+    Origin,
+    RemoteProtocolError,
+)
 from protocol.codec import FLAG_LZ4, Codec
 from protocol.errors import LocalProtocolError
 from protocol.messages import Heartbeat, body_checksum, decode_message, encode_message
@@ -53,16 +61,13 @@ def test_every_sqlite_value_keeps_its_type() -> None:
         assert type(row[column]) is type(value), column
 
 
-def test_nan_survives_as_nan() -> None:
+def test_nan_is_refused_because_sqlite_would_store_it_as_null() -> None:
     batch = Changes("node1", 1, 1, (change(1),))
     nan_change = batch.changes[0]
     row = dict(nan_change.row or {}, real=float("nan"))
     message = Changes("node1", 1, 1, (type(nan_change)(**{**_fields(nan_change), "row": row}),))
-    decoded = decode(encode_message(CODEC, message))
-    assert isinstance(decoded, Changes)
-    value = (decoded.changes[0].row or {})["real"]
-    assert isinstance(value, float)
-    assert value != value
+    with pytest.raises(RemoteProtocolError, match="NaN"):
+        decode(encode_message(CODEC, message))
 
 
 def _fields(obj: Any) -> dict[str, Any]:
@@ -72,10 +77,18 @@ def _fields(obj: Any) -> dict[str, Any]:
 def test_small_bodies_are_not_compressed_and_large_ones_are() -> None:
     codec = Codec(compress_threshold=512)
     small = codec.encode(Goodbye.TYPE, ["bye"])
-    large = codec.encode(Goodbye.TYPE, ["x" * 10_000])
+    text = " ".join(f"lease {n} of 10.0.{n % 256}.{n // 256}" for n in range(400))
+    large = codec.encode(Goodbye.TYPE, [text])
     assert small[1] == 0
     assert large[1] == FLAG_LZ4
-    assert len(large) < 200
+    assert len(large) < len(text) // 2
+
+
+def test_a_body_compressing_beyond_the_ratio_bound_travels_raw_and_decodes() -> None:
+    codec = Codec(compress_threshold=512)
+    plaintext = codec.encode(Goodbye.TYPE, ["x" * 100_000])
+    assert plaintext[1] == 0  # 100 kB of one letter compresses far beyond the bound
+    assert codec.decode(plaintext) == (Goodbye.TYPE, ["x" * 100_000])
 
 
 def test_encoding_an_integer_beyond_64_bits_is_a_local_error() -> None:
@@ -153,10 +166,10 @@ REASONS = {
     "raw length shorter than body": "header declares",
     "lz4 size claimed too large": "header declared",
     "lz4 size claimed too small": "corrupt lz4",
-    "lz4 ratio impossible": "cannot expand",
+    "lz4 ratio impossible": "may not expand",
     "lz4 corrupt body": "corrupt lz4",
     "lz4 bomb over cap": "exceeds the",
-    "lz4 zero raw length": "cannot expand",
+    "lz4 zero raw length": "may not expand",
     "msgpack array32 of 0xFFFFFFFF": "max_array_len",
     "msgpack map32 of 0xFFFFFFFF": "max_map_len",
     "msgpack str32 of 0xFFFFFFFF": "incomplete input",
@@ -193,7 +206,7 @@ REASONS = {
     "changes with bool as a value": "got bool",
     "changes with uint64 value": "does not fit",
     "changes with short version": "got 3",
-    "changes of protocol version 2": "version 2",
+    "changes of another protocol version": f"version {PROTOCOL_VERSION + 1}",
     "changes body not msgpack": "FormatError",
     "skip with empty range": "is empty",
 }
@@ -228,7 +241,8 @@ def _changes_plaintext(
 ) -> bytes:
     body = packed([changes, skips or []])
     return plaintext(
-        Changes.TYPE, packed([1, "node1", 1, 1, checksum or body_checksum(body), body])
+        Changes.TYPE,
+        packed([PROTOCOL_VERSION, "node1", 1, 1, checksum or body_checksum(body), body]),
     )
 
 
@@ -266,9 +280,11 @@ HOSTILE_SHAPES = {
     "changes with bool as a value": _changes_plaintext([_change_wire(row={"a": True})]),
     "changes with uint64 value": _changes_plaintext([_change_wire(row={"a": 1 << 63})]),
     "changes with short version": _changes_plaintext([_change_wire(version=[5, "n", 1])]),
-    "changes of protocol version 2": plaintext(Changes.TYPE, packed([2, "n", 1, 1, b"", b""])),
+    "changes of another protocol version": plaintext(
+        Changes.TYPE, packed([PROTOCOL_VERSION + 1, "n", 1, 1, b"", b""])
+    ),
     "changes body not msgpack": plaintext(
-        Changes.TYPE, packed([1, "n", 1, 1, body_checksum(b"\xc1"), b"\xc1"])
+        Changes.TYPE, packed([PROTOCOL_VERSION, "n", 1, 1, body_checksum(b"\xc1"), b"\xc1"])
     ),
     "skip with empty range": _changes_plaintext([], [["a", 1, 5, 4]]),
 }

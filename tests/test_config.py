@@ -144,10 +144,25 @@ def test_secret_is_never_in_the_config_repr(tmp_path: Path) -> None:
 
 def test_secret_key_file_is_read_relative_to_the_config(tmp_path: Path) -> None:
     (tmp_path / "cluster.psk").write_text("from a file, sixteen chars+\n")
+    (tmp_path / "cluster.psk").chmod(0o600)
     config = load_config(
         write(tmp_path, 'replication {\n  auth = { secret_key_file = "cluster.psk" }\n}')
     )
     assert config.replication.auth.passphrases()[0] == "from a file, sixteen chars+"
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644])
+def test_a_key_file_open_to_group_or_others_is_refused_naming_the_key_and_file(
+    tmp_path: Path, mode: int
+) -> None:
+    key = tmp_path / "cluster.psk"
+    key.write_text("from a file, sixteen chars+\n")
+    key.chmod(mode)
+    config = load_config(
+        write(tmp_path, 'replication {\n  auth = { secret_key_file = "cluster.psk" }\n}')
+    )
+    with pytest.raises(ConfigError, match=r"secret_key_file: key file .*cluster\.psk is open"):
+        config.replication.auth.passphrases()
 
 
 def test_running_without_a_secret_says_which_setting(tmp_path: Path) -> None:

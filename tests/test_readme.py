@@ -37,7 +37,9 @@ def test_the_pair_guide_replicates_a_lease_and_shows_the_pair() -> None:
         pytest.skip("the guide uses the sqlite3 and curl commands")
     for node in ("node1", "node2"):  # the guide's example state, from an earlier run
         shutil.rmtree(STATE / node, ignore_errors=True)
-    script = "set -euo pipefail\n" + guide() + "wait\n"
+    # A step that fails must not leave the guide's nodes running (their ports are fixed).
+    script = "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"
+    script += guide() + "wait\n"
     result = subprocess.run(
         ["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
     )

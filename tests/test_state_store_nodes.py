@@ -226,7 +226,13 @@ def test_the_readme_two_node_store_example_runs_as_written() -> None:
     for node in ("store-node1", "store-node2"):  # the example's state, from an earlier run
         shutil.rmtree(EXAMPLE_STATE / node, ignore_errors=True)
     result = subprocess.run(
-        ["bash", "-c", "set -euo pipefail\n" + blocks[0] + "wait\n"],
+        [
+            "bash",
+            "-c",
+            "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"
+            + blocks[0]
+            + "wait\n",
+        ],  # a failing step must not leave the nodes running
         cwd=ROOT,
         capture_output=True,
         text=True,

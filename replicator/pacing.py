@@ -1,0 +1,96 @@
+"""Short, spaced write transactions: the node shares SQLite's one write lock with the
+application, and must never be the reason an application's write waits long.
+
+SQLite lets one writer in at a time and a waiting writer's busy handler retries on its own
+schedule (after 1, 2, 5, ... up to 100 ms between tries), so a node that commits back to back
+during a catch-up can starve the application for seconds although each of its transactions is
+short. The pacer sizes each apply to take about ``target`` seconds, and makes the next one
+wait until the lock has been free for ``rest`` times as long as it was held: the application
+then finds the lock free at most of its tries. It also keeps the hold times, so status and
+the benchmark can show the longest.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+__all__ = ["WritePacer"]
+
+_KEPT = 4096  # recent hold times kept for the percentiles
+
+
+class WritePacer:
+    def __init__(
+        self,
+        target: float = 0.010,
+        rest: float = 0.5,
+        *,
+        smallest: int = 16,
+        largest: int = 4000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.target = target
+        self.rest = rest
+        self._smallest = smallest
+        self._largest = largest
+        self._clock = clock
+        self._per_entry = 50e-6  # seconds per applied entry, learnt as applies run
+        self._free_at = 0.0
+        self._holds: deque[float] = deque(maxlen=_KEPT)
+        self._lock = threading.Lock()
+        self.transactions = 0
+        self.longest = 0.0
+
+    def piece_size(self) -> int:
+        """Entries for the next transaction, so it holds the lock about ``target``."""
+        wanted = int(self.target / max(self._per_entry, 1e-7))
+        return max(self._smallest, min(self._largest, wanted))
+
+    def applied(self, entries: int, seconds: float) -> None:
+        """An apply of ``entries`` held the lock ``seconds``: learn the rate from it."""
+        if entries > 0 and seconds > 0:
+            self._per_entry = 0.7 * self._per_entry + 0.3 * (seconds / entries)
+
+    def held(self, seconds: float) -> None:
+        """A write transaction of this node (any) held the lock ``seconds``."""
+        with self._lock:
+            self._holds.append(seconds)
+            self.transactions += 1
+            self.longest = max(self.longest, seconds)
+            self._free_at = max(self._free_at, self._clock() + seconds * self.rest)
+
+    async def wait_turn(self) -> None:
+        """Before a write transaction: until the lock has rested long enough."""
+        delay = self._free_at - self._clock()
+        if delay > 0:
+            await trio.sleep(delay)
+
+    def wait_turn_blocking(self) -> None:
+        """`wait_turn` for code running in a worker thread."""
+        delay = self._free_at - self._clock()
+        if delay > 0:
+            time.sleep(delay)
+
+    def report(self) -> dict[str, Any]:
+        with self._lock:
+            holds = sorted(self._holds)
+
+        def at(share: float) -> float | None:
+            if not holds:
+                return None
+            return round(holds[min(len(holds) - 1, int(share * len(holds)))] * 1000, 3)
+
+        return {
+            "transactions": self.transactions,
+            "recent": len(holds),
+            "p50_ms": at(0.5),
+            "p99_ms": at(0.99),
+            "recent_max_ms": round(holds[-1] * 1000, 3) if holds else None,
+            "max_ms": round(self.longest * 1000, 3),
+        }
