@@ -5,7 +5,8 @@
 HTTP is parsed by h11 (sans-IO, like our own protocol), the socket is created with mode 0600,
 and a connection from another user is refused unless that user is root (SO_PEERCRED). A socket
 file left by a crash is replaced only if it is a socket and nothing answers on it. Errors are
-JSON ``{"error", "details"}`` with a fitting status code.
+JSON ``{"error", "details"}`` with a fitting status code; a handler that fails is answered
+(503 when the state database refuses writes, else 500) and logged, never raised into the node.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import trio
 
 from replicator.errors import ReplicationError
 from replicator.log import get_logger
+from replicator.recovery import refusal
 
 __all__ = ["ControlError", "Request", "Response", "Routes", "serve_control"]
 
@@ -76,7 +78,12 @@ async def serve_control(
     task_status.started()
 
     async def handle(stream: trio.SocketStream) -> None:
-        await _serve_one(stream, routes)
+        # A connection's failure is that connection's: escaping here, it would cancel the
+        # whole node (and this finally would unlink the socket).
+        try:
+            await _serve_one(stream, routes)
+        except Exception as error:
+            _log.error("control connection failed", error=str(error), exc_info=error)
 
     try:
         async with listener:
@@ -237,6 +244,13 @@ async def _dispatch(request: Request, routes: Routes) -> Response:
         return Response(error.status, _error(error.message, error.details))
     except ReplicationError as error:
         return Response(500, _error(error.message, error.hint or ""))
+    except Exception as error:  # answered, never raised: a failed request must not end the node
+        refused = refusal(error)
+        if refused is not None:  # a checkpoint or VACUUM on a full disk, say
+            _log.warning("request refused by the state database", path=path, error=str(refused))
+            return Response(503, _error("the state database refuses writes", str(refused)))
+        _log.error("request failed", path=path, error=str(error), exc_info=error)
+        return Response(500, _error("request failed", f"{type(error).__name__}: {error}"))
 
 
 def _error(error: str, details: str) -> dict[str, str]:

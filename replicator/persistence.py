@@ -19,7 +19,7 @@ import trio
 from replicator.backup import BackupInfo, BackupStore
 from replicator.errors import ReplicationError
 from replicator.log import get_logger
-from replicator.recovery import RecoveryReport, restore_backup
+from replicator.recovery import RecoveryReport, refusal, restore_backup
 
 if TYPE_CHECKING:
     from replicator.node import Node
@@ -29,22 +29,13 @@ __all__ = ["Persistence", "is_write_failure"]
 _log = get_logger("persistence")
 _PROBE_INTERVAL = 1.0
 _PROBE_BYTES = 64 * 1024  # several pages: a full disk cannot hide it in free pages
-# SQLite's primary result codes for a disk that refuses writes.
-_SQLITE_IOERR = 10
-_SQLITE_FULL = 13
 _DEGRADED = "degraded"
 RESYNC_BACKUP = "before full resync"
 
 
 def is_write_failure(error: BaseException) -> bool:
     """A write the disk refused (full, I/O error), as opposed to a bug or a constraint."""
-    if not isinstance(error, sqlite3.DatabaseError):
-        return False
-    code = getattr(error, "sqlite_errorcode", None)
-    if code is not None and code & 0xFF in (_SQLITE_IOERR, _SQLITE_FULL):
-        return True
-    text = str(error)
-    return "disk is full" in text or "disk I/O error" in text
+    return refusal(error) is not None
 
 
 class Persistence:
@@ -199,8 +190,10 @@ class Persistence:
     def write_failed(self, error: BaseException, where: str) -> bool:
         """Called with an error from a write: True when it means the disk refuses writes, in
         which case replication pauses until a probe write succeeds."""
-        if not is_write_failure(error):
+        refused = refusal(error)
+        if refused is None:
             return False
+        error = refused
         if self.degraded is None:
             self.degraded = {"since": time.time(), "error": str(error), "where": where}
             self.writable = trio.Event()
@@ -220,9 +213,7 @@ class Persistence:
             await trio.sleep(_PROBE_INTERVAL)
             try:
                 await trio.to_thread.run_sync(self._probe, limiter=self.node.apply_limiter)
-            except sqlite3.DatabaseError as error:
-                if not is_write_failure(error):
-                    raise
+            except sqlite3.Error as error:  # not yet (locked, say): probing must not end the node
                 assert self.degraded is not None
                 self.degraded["error"] = str(error)
                 continue
@@ -246,7 +237,8 @@ class Persistence:
                 conn.execute(statement, args)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # a refused COMMIT has rolled back already
+                    conn.execute("ROLLBACK")
                 raise
 
     async def keep_running(self, task: Callable[[], Awaitable[None]]) -> None:

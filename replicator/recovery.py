@@ -22,14 +22,50 @@ from typing import Any
 from protocol import Origin
 from replicator.backup import BackupCorrupt, BackupError, BackupStore
 from replicator.config import StateRecoveryConfig
-from replicator.errors import SchemaError
+from replicator.errors import ReplicationError, SchemaError
 from replicator.log import get_logger
 from replicator.store import Store, StoreSettings
 from replicator.tables import TRIGGER_PREFIX
 
-__all__ = ["RecoveryReport", "open_state", "restore_backup", "validate_state"]
+__all__ = [
+    "RecoveryReport",
+    "StateRefusesWrites",
+    "open_state",
+    "refusal",
+    "restore_backup",
+    "validate_state",
+]
 
 _log = get_logger("recovery")
+# SQLite's primary result codes for a disk that refuses writes.
+_SQLITE_IOERR = 10
+_SQLITE_FULL = 13
+
+
+class StateRefusesWrites(ReplicationError):
+    """The disk under the state database refuses writes (full, I/O errors): the file is not
+    damaged, and nothing may be recovered over it."""
+
+
+def refusal(error: BaseException) -> sqlite3.DatabaseError | None:
+    """The disk's refusal behind ``error``, if that is what it is (not a bug, not damage).
+
+    A COMMIT the disk refuses rolls the transaction back by itself, so a ``ROLLBACK`` after it
+    fails with "no transaction is active" and hides the refusal in its ``__context__``: the
+    chain of database errors is looked through, not just the last one.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while isinstance(current, sqlite3.DatabaseError) and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in (_SQLITE_IOERR, _SQLITE_FULL):
+            return current
+        text = str(current)
+        if "disk is full" in text or "disk I/O error" in text:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def validate_state(store: Store) -> dict[str, Any]:
@@ -136,6 +172,7 @@ def _open_and_validate(
     try:
         store = Store.open(settings)
     except sqlite3.DatabaseError as error:  # not a database, malformed schema pages...
+        _refuses_writes(settings.path, error)
         return f"cannot open: {error}", None, None
     if not validate:
         return None, store, None
@@ -143,12 +180,26 @@ def _open_and_validate(
         validation = validate_state(store)
     except sqlite3.DatabaseError as error:
         store.close()
+        _refuses_writes(settings.path, error)
         return f"validation stopped: {error}", None, None
     if validation["ok"]:
         _log.info("state database validated", seconds=validation["seconds"])
         return None, store, validation
     store.close()
     return "; ".join(validation["problems"][:5]), None, validation
+
+
+def _refuses_writes(path: str, error: sqlite3.DatabaseError) -> None:
+    """A file that cannot be opened because the disk refuses writes (a WAL index that cannot
+    grow, say) is not damaged: copying it aside and restoring over it would only fill the disk
+    further or throw its contents away."""
+    refused = refusal(error)
+    if refused is not None:
+        raise StateRefusesWrites(
+            f"{path}: the disk refuses writes ({refused}); the file is left untouched",
+            op="open",
+            hint="free space on its filesystem (or mend the disk), then start the node again",
+        ) from error
 
 
 def _recover(
