@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import trio
 
-__all__ = ["WouldBlock", "call", "is_busy"]
+__all__ = ["WouldBlock", "call", "is_busy", "no_waiting"]
 
 _T = TypeVar("_T")
 
@@ -31,7 +31,8 @@ def is_busy(error: sqlite3.OperationalError) -> bool:
 
 
 @contextlib.contextmanager
-def _no_waiting(conn: sqlite3.Connection) -> Iterator[None]:
+def no_waiting(conn: sqlite3.Connection) -> Iterator[None]:
+    """Busy timeout zero for the block: a locked database fails at once."""
     (previous,) = conn.execute("PRAGMA busy_timeout").fetchone()
     conn.execute("PRAGMA busy_timeout = 0")
     try:
@@ -53,7 +54,7 @@ async def call(
     if inline and conn is not None:
         async with limiter:
             try:
-                with _no_waiting(conn):
+                with no_waiting(conn):
                     return function(True)
             except WouldBlock:
                 pass

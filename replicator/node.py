@@ -30,7 +30,6 @@ import resource
 import sqlite3
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -74,7 +73,7 @@ from replicator.migrations import SCHEMA_VERSION
 from replicator.pacing import WritePacer
 from replicator.peer import PeerClosed, PeerConnection, PeerDisconnected, PeerSettings
 from replicator.persistence import RESYNC_BACKUP, Persistence
-from replicator.recovery import open_state
+from replicator.recovery import StateRefusesWrites, open_state
 from replicator.resolvers import ManualResolver, Resolver, TimestampResolver, make_resolver
 from replicator.resync import Resync
 from replicator.snapshot import SnapshotError
@@ -90,10 +89,28 @@ CAPABILITIES = frozenset({"changes", "skips", "resend"})
 _INLINE_ENTRIES = 32
 _CHECKPOINTS_SHOWN = 10
 _CHECKPOINT_INTERVAL = 0.5
+_WAL_BOUND = 1 << 20  # bytes of WAL past which its space is given back
 # Nodes beyond the configured peers kept in the cluster view: in a chain, the far ends.
 _RELAYED_MEMBERS = 64
 # accept() errors that mean "out of descriptors or memory for now": wait, do not crash.
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+# A connection that has sent nothing for this long may lose its place to a newcomer when the
+# handshake limits are reached (a real peer speaks first, within a round trip of connecting),
+# or sooner when the node runs out of descriptors.
+_IDLE_SECONDS = 0.5
+_IDLE_UNDER_PRESSURE = 0.2
+
+
+@dataclass(slots=True)
+class _Handshake:
+    """An incoming connection between accept and Hello."""
+
+    source: str
+    started: float
+    cancel: trio.CancelScope
+    connection: PeerConnection
 
 
 class DatabaseFault(ReplicationError):
@@ -187,7 +204,7 @@ class Node:
         )
         self.faults = Faults()
         self._throttle = Throttle(self.options.log_interval)
-        self._handshakes: Counter[str] = Counter()  # per source address, between accept and Hello
+        self._handshakes: dict[int, _Handshake] = {}  # between accept and Hello, oldest first
         self._listeners: list[trio.SocketListener] = []
         self._pacer = WritePacer()
         self._log_changed = trio.Event()
@@ -244,8 +261,9 @@ class Node:
                 hint="remove these settings; replicator never ignores a setting silently",
             )
         _raise_descriptor_limit()
-        # Before anything is written: a busy port is a one-line error, with no backup taken
-        # and no configuration recorded on the way.
+        # Before anything is written: a key file others can read, or a busy port, is a
+        # one-line error, with no backup taken and no configuration recorded on the way.
+        self.config.replication.auth.passphrases()
         self._listeners = await self._listen()
         try:
             await self._run(task_status)
@@ -268,7 +286,7 @@ class Node:
             ) from None
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
-        store = await trio.to_thread.run_sync(self._prepare)
+        store = await self._prepare_when_writable()
         await trio.to_thread.run_sync(self.resync.refresh_floor)
         await trio.to_thread.run_sync(self.resync.clear_staging)
         self._divergence_filter = self.filter_copy()
@@ -315,6 +333,25 @@ class Node:
                 peers=list(self.peers),
             )
             task_status.started()
+
+    async def _prepare_when_writable(self) -> Store:
+        """A disk that refuses writes at start is waited out (the file is not damaged): the
+        node comes up by itself once there is room, and SIGTERM still stops it meanwhile."""
+        since: float | None = None
+        while True:
+            try:
+                store = await trio.to_thread.run_sync(self._prepare)
+            except StateRefusesWrites as error:
+                if since is None:
+                    since = time.monotonic()
+                    _log.error("state database refuses writes at start: waiting for room",
+                               error=error.message)  # fmt: skip
+                await trio.sleep(1.0)
+                continue
+            if since is not None:
+                _log.warning("state database takes writes again: starting",
+                             waited_seconds=round(time.monotonic() - since, 1))  # fmt: skip
+            return store
 
     def _prepare(self) -> Store:
         os.makedirs(os.path.dirname(self.store_settings.path) or ".", mode=0o750, exist_ok=True)
@@ -492,18 +529,18 @@ class Node:
         return False
 
     async def _checkpoint_periodically(self) -> None:
-        """Copy the WAL back into the database file off the apply path (PASSIVE: never
-        waits for, nor blocks, a writer)."""
+        """Copy the WAL back into the database file off the apply path, and give its space
+        back once it has grown (see `_checkpoint`)."""
         store = await trio.to_thread.run_sync(self._open_store)
         state = self.config.state
         saved_at = time.monotonic()
         try:
             while True:
                 await trio.sleep(_CHECKPOINT_INTERVAL)
-                mode = "PASSIVE"
+                truncate = _wal_bytes(self.store_settings.path) > _WAL_BOUND
                 if state.auto_save and time.monotonic() - saved_at >= state.save_interval:
-                    mode, saved_at = "TRUNCATE", time.monotonic()  # auto_save: all in the file
-                await trio.to_thread.run_sync(store.conn.execute, f"PRAGMA wal_checkpoint({mode})")
+                    truncate, saved_at = True, time.monotonic()  # auto_save: all in the file
+                await trio.to_thread.run_sync(functools.partial(_checkpoint, store.conn, truncate))
         finally:
             store.close()
 
@@ -882,8 +919,9 @@ class Node:
     # -- connections -----------------------------------------------------------------------
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        """Accept peers until cancelled. Running out of descriptors is waited out (and logged
-        at a throttled rate), never a crash."""
+        """Accept peers until cancelled. Running out of descriptors never crashes: a
+        connection that has said nothing for a while gives its descriptor up, or the loop
+        waits (and says so, at a throttled rate)."""
         while True:
             try:
                 stream = await listener.accept()
@@ -895,17 +933,13 @@ class Node:
                 if suppressed is not None:
                     _log.warning("cannot accept connections for now", reason=error.strerror,
                                  suppressed=suppressed)  # fmt: skip
-                await trio.sleep(0.1)
+                await trio.sleep(0.01 if self._evict_idle(None, _IDLE_UNDER_PRESSURE) else 0.1)
                 continue
             nursery.start_soon(self._accept, stream)
 
     async def _accept(self, stream: trio.SocketStream) -> None:
         label, source = _describe_remote(stream)
-        limits = self.options
-        if (
-            sum(self._handshakes.values()) >= limits.max_handshakes
-            or self._handshakes[source] >= limits.max_handshakes_per_source
-        ):
+        if not self._room_for(source):
             self.faults.count("handshake_limit")
             await trio.aclose_forcefully(stream)
             suppressed = self._throttle.allow("handshake_limit")
@@ -913,25 +947,57 @@ class Node:
                 _log.warning("incoming connection refused: too many handshakes in progress",
                              remote=label, suppressed=suppressed)  # fmt: skip
             return
-        self._handshakes[source] += 1
         assert self._peer_settings is not None
+        connection = PeerConnection.responder(stream, self._peer_settings, label)
+        pending = _Handshake(source, time.monotonic(), trio.CancelScope(), connection)
+        self._handshakes[id(pending)] = pending
+        hello = None
         try:
-            try:
-                connection = await PeerConnection.accept(stream, self._peer_settings, label)
-            except PeerDisconnected as error:
-                self.faults.count("handshake")
-                suppressed = self._throttle.allow("handshake_failed")
-                if suppressed is not None:
-                    _log.warning("incoming connection refused", remote=label,
-                                 reason=error.message, suppressed=suppressed)  # fmt: skip
+            with pending.cancel:
+                try:
+                    await connection.handshake(self._peer_settings.handshake_timeout)
+                except PeerDisconnected as error:
+                    self.faults.count("handshake")
+                    suppressed = self._throttle.allow("handshake_failed")
+                    if suppressed is not None:
+                        _log.warning("incoming connection refused", remote=label,
+                                     reason=error.message, suppressed=suppressed)  # fmt: skip
+                    return
+                hello = await self._greet(connection, dialled=None)
+            if pending.cancel.cancelled_caught:  # evicted: it had said nothing for too long
+                self.faults.count("handshake_evicted")
+                await connection.abort()
                 return
-            hello = await self._greet(connection, dialled=None)
         finally:
-            self._handshakes[source] -= 1
-            if not self._handshakes[source]:
-                del self._handshakes[source]
+            self._handshakes.pop(id(pending), None)
         if hello is not None:
             await self._serve(connection, hello, initiator=None)
+
+    def _room_for(self, source: str) -> bool:
+        """Whether a connection from ``source`` may start a handshake now: within the limits,
+        or once an idle one (silent since it connected) has been evicted to make room."""
+        limits = self.options
+        here = sum(1 for pending in self._handshakes.values() if pending.source == source)
+        if here >= limits.max_handshakes_per_source:
+            return self._evict_idle(source, _IDLE_SECONDS)
+        if len(self._handshakes) >= limits.max_handshakes:
+            return self._evict_idle(None, _IDLE_SECONDS)
+        return True
+
+    def _evict_idle(self, source: str | None, idle: float) -> bool:
+        """Cancel the oldest handshake (of ``source``, if given) that has received nothing
+        in ``idle`` seconds since it connected; True if there was one."""
+        now = time.monotonic()
+        for key, pending in self._handshakes.items():
+            if (
+                (source is None or pending.source == source)
+                and pending.connection.bytes_received == 0
+                and now - pending.started >= idle
+            ):
+                pending.cancel.cancel()
+                del self._handshakes[key]
+                return True
+        return False
 
     async def _dial_loop(self, peer_id: str) -> None:
         peer = self.peers[peer_id]
@@ -1033,13 +1099,14 @@ class Node:
             fault = _database_fault(error)
             if fault is not None:
                 raise fault from error
+            leaf = first_leaf(error)
+            reason = f"{type(leaf).__name__}: {leaf}"
             self.faults.count("link_error")
-            self.status[peer_id].failed(f"{type(error).__name__}: {error}")
-            log.error(
-                "peer link failed: disconnected",
-                reason=f"{type(error).__name__}: {error}",
-                exc_info=self._throttle.allow(("link_error", peer_id)) is not None,
-            )
+            self.status[peer_id].failed(reason)
+            if self._throttle.allow(("link_error", peer_id)) is not None:
+                # A database condition (out of descriptors, say) is no bug: no traceback.
+                log.error("peer link failed: disconnected", reason=reason,
+                          exc_info=None if isinstance(leaf, sqlite3.Error) else leaf)  # fmt: skip
         finally:
             await connection.abort()
 
@@ -1199,8 +1266,24 @@ class Node:
             total.add(result)
             if final:
                 self._note_refused(total)
+                if self._wal and _wal_bytes(self.store_settings.path) > _WAL_BOUND:
+                    await self._reset_wal()
                 return total, total.held
             start += size
+
+    async def _reset_wal(self) -> None:
+        """A catch-up's short transactions rewrite the same pages, so the WAL grows to several
+        times the data they bring: on a disk with little room it would fill it, and then no
+        checkpoint could grow the file to empty the WAL. Give its space back once it is large
+        (without waiting for anyone: if readers hold it, the next batch tries again)."""
+        assert self._applier is not None
+        conn = self._applier.store.conn
+
+        def reset() -> None:
+            with contextlib.suppress(sqlite3.OperationalError):  # refused: the pause handles it
+                _checkpoint(conn, truncate=True)
+
+        await trio.to_thread.run_sync(reset, limiter=self._apply_limiter)
 
     def _note_refused(self, result: ApplyResult) -> None:
         """Count what a batch held that could not be applied, and keep the alarms true."""
@@ -1356,6 +1439,24 @@ class _LogReader:
             store.conn.execute("COMMIT")
         # Fewer than asked for: every entry up to the end was looked at.
         return records, (end if len(records) < limit else records[-1].position)
+
+
+def _wal_bytes(path: str) -> int:
+    try:
+        return os.path.getsize(f"{path}-wal")
+    except OSError:
+        return 0
+
+
+def _checkpoint(conn: sqlite3.Connection, truncate: bool) -> None:
+    """PASSIVE copies the WAL into the file without waiting for, or blocking, any writer.
+    TRUNCATE also empties the WAL file, holding the write lock while it does: it runs only
+    after a PASSIVE pass (little left to copy) and without waiting (busy: next time), so the
+    application's writers never wait on it for long."""
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    if truncate:
+        with dbcall.no_waiting(conn):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
 def _role_of(hello: Hello) -> str:

@@ -58,10 +58,32 @@ class PeerSettings:
     handshake_timeout: float = 5.0
 
 
+class _LoopClock:
+    """The session's clock, read on the event loop: a session working in a worker thread
+    sees the time of the call that sent it there (trio's clock works on the loop only)."""
+
+    def __init__(self, source: Callable[[], float]) -> None:
+        self._source = source
+        self.now = source()
+
+    def tick(self) -> None:
+        self.now = self._source()
+
+    def read(self) -> float:
+        return self.now
+
+
 class PeerConnection:
-    def __init__(self, stream: trio.abc.Stream, session: Session, label: str) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        session: Session,
+        label: str,
+        clock: _LoopClock | None = None,
+    ) -> None:
         self.stream = stream
         self.session = session
+        self._clock = clock
         self.label = label
         self.key_id = b""
         self.bytes_sent = 0
@@ -91,14 +113,15 @@ class PeerConnection:
                 stream = await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as error:
             raise PeerDisconnected(f"cannot connect: {_describe(error)}", op="dial") from None
+        loop_clock = _LoopClock(clock)
         session = Session.initiator(
             settings.keyring,
             settings.cluster_id,
             settings.session,
             use_previous_key=use_previous_key,
-            clock=clock,
+            clock=loop_clock.read,
         )
-        connection = cls(stream, session, label)
+        connection = cls(stream, session, label, loop_clock)
         await connection._handshake_within(settings.handshake_timeout)
         return connection
 
@@ -112,11 +135,30 @@ class PeerConnection:
         clock: Callable[[], float] = trio.current_time,
     ) -> PeerConnection:
         """Complete the handshake as responder on an accepted stream."""
-        session = Session.responder(settings.keyring, settings.cluster_id, settings.session,
-                                    clock=clock)  # fmt: skip
-        connection = cls(stream, session, label)
-        await connection._handshake_within(settings.handshake_timeout)
+        connection = cls.responder(stream, settings, label, clock=clock)
+        await connection.handshake(settings.handshake_timeout)
         return connection
+
+    @classmethod
+    def responder(
+        cls,
+        stream: trio.abc.Stream,
+        settings: PeerSettings,
+        label: str,
+        *,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> PeerConnection:
+        """The responder's side of an accepted stream, before its handshake (`handshake`):
+        the caller can watch it (``bytes_received``) while it runs."""
+        loop_clock = _LoopClock(clock)
+        session = Session.responder(
+            settings.keyring, settings.cluster_id, settings.session, clock=loop_clock.read
+        )
+        return cls(stream, session, label, loop_clock)
+
+    async def handshake(self, seconds: float) -> None:
+        """Complete the handshake within ``seconds``, or raise `PeerDisconnected`."""
+        await self._handshake_within(seconds)
 
     async def _handshake_within(self, seconds: float) -> None:
         try:
@@ -145,6 +187,7 @@ class PeerConnection:
         `MessageTooLarge` (the connection stays usable) for a message over the cap."""
         async with self._send_lock:
             async with self._session_lock:
+                self._tick()
                 try:
                     if large:
                         data = await trio.to_thread.run_sync(self.session.send, message)
@@ -198,6 +241,7 @@ class PeerConnection:
                                    peer=self.label) from None  # fmt: skip
         self.bytes_received += len(data)
         async with self._session_lock:
+            self._tick()
             size, buffered = self.session.incomplete_frame()
             try:
                 if size >= OFF_LOOP_BYTES and buffered + len(data) >= size:
@@ -205,6 +249,10 @@ class PeerConnection:
                 return self.session.receive_data(bytes(data))
             except ProtocolError as error:
                 raise PeerDisconnected(str(error), op="receive", peer=self.label) from None
+
+    def _tick(self) -> None:
+        if self._clock is not None:
+            self._clock.tick()
 
     async def _flush_protocol_output(self) -> None:
         data = self.session.data_to_send()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -79,6 +80,7 @@ class NodeProcess:
         self.log_path = self.directory / "node.log"
         (self.directory / "schema.sql").write_text(SCHEMA)
         self.process: subprocess.Popen[bytes] | None = None
+        self.open_files_limit: int | None = None  # RLIMIT_NOFILE (soft and hard) if set
 
     def write_config(self, peers: list[NodeProcess]) -> Path:
         peer_lines = ",\n".join(
@@ -122,12 +124,19 @@ replication {{
 
     def start_with_config(self, config: Path) -> None:
         log = self.log_path.open("ab")
+        limit = self.open_files_limit
+
+        def limit_open_files() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         self.process = subprocess.Popen(
             [sys.executable, "-m", "replicator", "run", "-c", str(config), "--log-format", "json"],
             cwd=ROOT,
             stdout=log,
             stderr=log,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=limit_open_files if limit is not None else None,  # noqa: PLW1509
         )
         log.close()
 

@@ -282,11 +282,6 @@ def shrink(filler: Path, give_back: int) -> None:
         file.truncate(max(0, os.path.getsize(filler) - give_back))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the WAL grows unchecked during a catch-up (here to ~10 MiB for ~8 MiB of rows) "
-    "and fills the disk again; needs the WAL bound proposed for replicator/node.py",
-)
 def test_a_catch_up_after_the_disk_was_full_does_not_fill_it_again(
     tmp_path: Path, small: Path, nodes: list[NodeProcess]
 ) -> None:

@@ -34,7 +34,7 @@ from protocol import (
 from protocol.checks import INT64_MAX
 from replicator import hlc
 from replicator.applier import QUARANTINE_LIMIT
-from tests.key_holder import KeyHolder, origin_of, seal_raw, until_closed
+from tests.key_holder import KeyHolder, origin_of, reset, seal_raw, until_closed
 from tests.node_procs import NodeProcess, wait_until
 
 FAKE = Origin("node3", 1)
@@ -397,3 +397,81 @@ async def test_a_newcomer_claiming_a_live_peers_id_is_refused(cluster: Cluster) 
     assert not cluster.node1.logged("peer disconnected", peer="node2")
     assert cluster.faults(await cluster.status(), "identity") >= 1
     await cluster.still_serving("impostor")
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen, stalled and broken peers while connecting
+
+
+async def test_a_peer_frozen_at_dial_costs_a_log_line(cluster: Cluster) -> None:
+    """node3's address accepts TCP and never answers (a frozen or overloaded host)."""
+    listeners = await trio.open_tcp_listeners(cluster.fake.me.port, host=cluster.fake.me.host)
+    accepted: list[trio.SocketStream] = []
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def hold() -> None:
+                while True:
+                    accepted.append(await listeners[0].accept())
+
+            nursery.start_soon(hold)
+
+            def timed_out() -> bool:  # (the log says it once; repeats are throttled)
+                peers = {peer["id"]: peer for peer in cluster.node1.status()["peers"]}
+                return "handshake not completed" in str(peers["node3"]["last_error"])
+
+            await cluster.eventually(timed_out, "node1 to give up on the frozen peer")
+            assert cluster.node1.logged("cannot reach peer", peer="node3")
+            await cluster.still_serving("frozen-at-dial")
+            nursery.cancel_scope.cancel()
+    finally:
+        for stream in accepted:
+            await stream.aclose()
+        await listeners[0].aclose()
+
+
+async def test_a_peer_silent_after_the_handshake_at_dial_costs_a_log_line(
+    cluster: Cluster,
+) -> None:
+    connection = await cluster.fake.accept_one(greet=False)  # handshake done, no Hello
+    await until_closed(connection, within=15)
+    await cluster.eventually(
+        lambda: any("no Hello within" in line.get("reason", "")
+                    for line in cluster.node1.logged("peer refused", peer="node3")),
+        "the Hello deadline",
+    )  # fmt: skip
+    await cluster.still_serving("silent-at-dial")
+
+
+async def test_peers_that_stall_or_reset_while_connecting_cost_a_log_line_each(
+    cluster: Cluster,
+) -> None:
+    node1 = cluster.node1
+    # Frozen at accept: connects, never says a word.
+    frozen = await trio.open_tcp_stream(node1.host, node1.port)
+    # Silent after the handshake.
+    silent = await cluster.fake.dial(greet=False)
+    # Half a Hello frame, then a reset.
+    resetting = await cluster.fake.dial(greet=False)
+    frame = resetting.session.send(cluster.fake.hello())
+    await resetting.stream.send_all(frame[: len(frame) // 2])
+    await trio.sleep(0.2)
+    reset(resetting)
+    # Half a frame, then nothing.
+    stalled = await cluster.fake.dial(greet=False)
+    frame = stalled.session.send(cluster.fake.hello())
+    await stalled.stream.send_all(frame[: len(frame) // 2])
+
+    def counted() -> bool:  # one log line per kind and source; the rest are counted
+        faults = cluster.node1.status()["peer_faults"]
+        return faults.get("hello", 0) >= 3 and faults.get("handshake", 0) >= 1
+
+    await cluster.eventually(counted, "the frozen, the stalled and the reset connections")
+    lines = node1.logged("peer refused") + node1.logged("incoming connection refused")
+    reasons = " ".join(str(line.get("reason")) for line in lines)
+    assert "handshake not completed" in reasons
+    assert "connection lost" in reasons or "no Hello within" in reasons
+    await frozen.aclose()
+    await silent.abort()
+    await stalled.abort()
+    await cluster.still_serving("stalls")

@@ -1,0 +1,172 @@
+"""What a node does at its limits: a huge transaction, a change too large to send, a port
+already taken, files others could read, and a flood of connections.
+
+Real node processes on 127.0.0.x, applications writing with plain sqlite3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.node_procs import NodeProcess, wait_until
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[NodeProcess]]:
+    started: list[NodeProcess] = []
+    yield started
+    for node in started:
+        node.stop(signal.SIGKILL)
+
+
+def pair(tmp_path: Path, nodes: list[NodeProcess], **options: str) -> tuple[NodeProcess, ...]:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1", **options)
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2", **options)
+    nodes += [node1, node2]
+    node1.start([node2])
+    node2.start([node1])
+    return node1, node2
+
+
+def run_node(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "replicator", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_one_transaction_larger_than_a_message_replicates_whole(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1, node2 = pair(tmp_path, nodes)
+    rows = [(f"big{n:03d}", f"10.1.{n // 256}.{n % 256}", secrets.token_hex(128 << 10))
+            for n in range(320)]  # fmt: skip  # 320 rows of 256 KiB: 80 MiB in one commit
+    with node1.app() as app:
+        app.execute("BEGIN")
+        app.executemany(
+            "INSERT INTO dhcp_leases (mac, ip, hostname, expires) VALUES (?, ?, ?, 1)", rows
+        )
+        app.execute("COMMIT")
+    wait_until(lambda: node2.count("dhcp_leases") == 320, timeout=120, what="all 320 rows")
+    assert not node1.logged("peer disconnected", peer="node2")
+    with node2.app() as app:
+        held = dict(app.execute("SELECT mac, hostname FROM dhcp_leases").fetchall())
+    assert held == {mac: text for mac, _, text in rows}
+
+
+def test_a_change_too_large_to_send_is_refused_in_the_applications_statement(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1, node2 = pair(tmp_path, nodes)
+    with node1.app() as app:
+        with pytest.raises(sqlite3.IntegrityError, match="larger than 15 MiB"):
+            app.execute(
+                "INSERT INTO dhcp_leases (mac, ip, hostname, expires) VALUES ('huge', 'x', ?, 1)",
+                ("y" * (16 << 20),),
+            )
+        assert app.execute("SELECT count(*) FROM dhcp_leases").fetchone() == (0,)
+        app.execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('after', '10.0.0.1', 1)")
+    wait_until(lambda: node2.count("dhcp_leases") == 1, what="replication to go on")
+
+
+def test_a_port_already_taken_is_one_line_naming_it_and_nothing_is_written(
+    tmp_path: Path,
+) -> None:
+    node = NodeProcess(
+        tmp_path,
+        "node1",
+        "127.0.0.1",
+        state_extra=f'  backup {{ enabled = true  directory = "{tmp_path / "backups"}" }}',
+    )
+    config = node.write_config([])
+    with socket.socket() as taken:
+        taken.bind((node.host, node.port))
+        taken.listen()
+        result = run_node(config)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{node.host}:{node.port}" in lines[0]
+    assert "replication.listen_addr" in lines[0]
+    assert not node.db_path.exists()
+    assert not (tmp_path / "backups").exists() or not list((tmp_path / "backups").iterdir())
+
+
+def test_state_files_are_created_private(tmp_path: Path, nodes: list[NodeProcess]) -> None:
+    node1, _ = pair(tmp_path, nodes)
+    with node1.app() as app:  # the node has created the file, and WAL made -wal and -shm
+        app.execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('m', '10.0.0.1', 1)")
+        for suffix in ("", "-wal", "-shm"):
+            mode = stat.S_IMODE(os.stat(f"{node1.db_path}{suffix}").st_mode)
+            assert mode == 0o640, f"state.db{suffix} is {mode:04o}"
+
+
+def test_a_key_file_others_can_read_stops_the_node_with_one_line(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    key = tmp_path / "cluster.psk"
+    key.write_text("a passphrase of sixteen characters or more\n")
+    key.chmod(0o644)
+    config = node.write_config([])
+    config.write_text(
+        config.read_text().replace(f'secret_key = "{node.secret}"', f'secret_key_file = "{key}"')
+    )
+    result = run_node(config)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "replication.auth.secret_key_file" in lines[0]
+    assert str(key) in lines[0]
+    assert "chmod 600" in lines[0]
+
+
+def test_a_flood_of_connections_neither_stops_the_node_nor_floods_its_log(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1")
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2")
+    nodes += [node1, node2]
+    node1.open_files_limit = 64  # too few for the flood: accept meets EMFILE
+    node1.peer_addresses["node2"] = "127.0.0.2:1"  # node1 cannot dial: node2 must get in
+    node1.start([node2])
+    node1.app().close()
+    flood: list[socket.socket] = []
+    try:
+        for n in range(1100):
+            client = socket.socket()
+            client.setblocking(False)
+            # From many source addresses, as a distributed flood would come.
+            client.bind((f"127.0.{1 + n // 250}.{1 + n % 250}", 0))
+            with contextlib.suppress(BlockingIOError):
+                client.connect((node1.host, node1.port))
+            flood.append(client)
+        node2.start([node1])  # a real peer arrives in the middle of it
+        with node2.app() as app:
+            app.execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('m', '10.0.0.1', 1)")
+        wait_until(lambda: node1.count("dhcp_leases") == 1, timeout=60, what="the real peer")
+    finally:
+        for client in flood:
+            client.close()
+    assert node1.process is not None
+    assert node1.process.poll() is None
+    text = node1.log_path.read_text()
+    assert "Traceback" not in text
+    refusals = [line for line in node1.logs() if "refused" in str(line.get("event"))]
+    assert len(refusals) <= 10, [line.get("event") for line in refusals]
+    faults = node1.status()["peer_faults"]
+    assert faults.get("accept_errors", 0) > 0, faults  # it ran out of descriptors...
+    assert faults.get("handshake_evicted", 0) > 0, faults  # ...and silent ones made room
