@@ -1010,6 +1010,8 @@ class Node:
             if peer_id in self.links:
                 await trio.sleep(self.options.backoff_max * random.uniform(0.5, 1))  # noqa: S311
                 continue
+            if self.persistence.degraded is not None:  # it would be refused: wait for room
+                await self.persistence.writable.wait()
             self.status[peer_id].state = "connecting"
             try:
                 connection = await PeerConnection.dial(
