@@ -28,7 +28,7 @@ _KEPT = 4096  # recent hold times kept for the percentiles
 class WritePacer:
     def __init__(
         self,
-        target: float = 0.010,
+        target: float = 0.005,
         rest: float = 0.5,
         *,
         smallest: int = 16,
