@@ -55,6 +55,7 @@ class NodeProcess:
         log_retention: str = "7d",
         max_lag: str = "10s",
         liveness_timeout: str = "10s",
+        batch_size: int = 500,
         extra: str = "",
         state_extra: str = "",
         db_path: Path | None = None,
@@ -64,6 +65,7 @@ class NodeProcess:
         # Where this node dials each peer, when not the peer's own address (a proxy, say).
         self.peer_addresses: dict[str, str] = {}
         self.liveness_timeout = liveness_timeout
+        self.batch_size = batch_size
         self.max_lag = max_lag
         self.mode = mode
         self.truncate_interval = truncate_interval
@@ -103,7 +105,8 @@ replication {{
 {peer_lines}
   ]
   auth = {{ secret_key = "{self.secret}" }}
-  sync = {{ interval = "200ms", batch_size = 500, truncate_interval = "{self.truncate_interval}",
+  sync = {{ interval = "200ms", batch_size = {self.batch_size},
+           truncate_interval = "{self.truncate_interval}",
            log_retention = "{self.log_retention}",
            max_lag = "{self.max_lag}", heartbeat_interval = "200ms",
            liveness_timeout = "{self.liveness_timeout}" }}

@@ -15,6 +15,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,6 +68,49 @@ def test_one_transaction_larger_than_a_message_replicates_whole(
     with node2.app() as app:
         held = dict(app.execute("SELECT mac, hostname FROM dhcp_leases").fetchall())
     assert held == {mac: text for mac, _, text in rows}
+
+
+def test_a_large_peer_transaction_is_applied_in_short_transactions_beside_the_application(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    """SQLite has one write lock: a receiver applying a peer's 40,000-row transaction (sent in
+    batches of 10,000) in one transaction per batch kept its application waiting for as long
+    as each took. It is applied in pieces of at most 4,000 changes, sized by time, while an
+    application writing on the receiver with Python's default 5 s busy timeout never fails."""
+    node1 = NodeProcess(tmp_path, "node1", "127.0.0.1", batch_size=10_000)
+    node2 = NodeProcess(tmp_path, "node2", "127.0.0.2", batch_size=10_000)
+    nodes += [node1, node2]
+    node1.start([node2])
+    node2.start([node1])
+    wait_until(lambda: bool(node2.logged("peer connected", peer="node1")), what="the link")
+    before = node2.status()["write_lock"]["transactions"]
+    rows = [(f"bulk{n:05d}", f"10.{n // 65536}.{n // 256 % 256}.{n % 256}") for n in range(40_000)]
+    with node1.app() as app:
+        app.execute("BEGIN")
+        app.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, 1)", rows)
+        app.execute("COMMIT")
+
+    failures: list[str] = []
+    written = 0
+    app = sqlite3.connect(node2.db_path, isolation_level=None, timeout=5.0)  # the default
+    try:
+        while written % 50 or node2.count("dhcp_leases") < 40_000 + written:
+            time.sleep(0.002)  # an application committing a few hundred times a second
+            try:
+                app.execute(
+                    "INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, 1)",
+                    (f"local{written}", f"172.16.{written // 256}.{written % 256}"),
+                )
+                written += 1
+            except sqlite3.OperationalError as error:
+                failures.append(str(error))
+            assert written < 200_000, "the peer's rows never all arrived"
+    finally:
+        app.close()
+    assert failures == []
+    assert written > 0
+    lock = node2.status()["write_lock"]
+    assert lock["transactions"] - before >= 40_000 // 4_000, lock
 
 
 def test_a_change_too_large_to_send_is_refused_in_the_applications_statement(
