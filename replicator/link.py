@@ -220,6 +220,8 @@ class Link:
         self._held_at_heartbeats: deque[int] = deque([0, 0], maxlen=2)
         self._regressions = 0
         self._in_flight: deque[_InFlight] = deque()
+        # A full snapshot sent and not yet shown held by the peer: (log position, its vector).
+        self._snapshot_unconfirmed: tuple[int, dict[Origin, int]] | None = None
         self._window_open = trio.Event()
         self._window_open.set()
         self._rewind = False
@@ -316,6 +318,8 @@ class Link:
                     self.connection, self.peer, reason, {}
                 )
                 _merge(self._have, vector)
+                self.status.sent_position = max(self.status.sent_position, position)
+                self._snapshot_unconfirmed = (position, vector)
                 continue
             if self._repairs:
                 # Requests queued while a repair was sent: the newest buckets of each table
@@ -330,7 +334,8 @@ class Link:
             if not records:
                 if read_through > position:
                     position = self.status.sent_position = read_through
-                    if not self._in_flight:  # nothing of it was for the peer
+                    if not self._in_flight and self._snapshot_unconfirmed is None:
+                        # Nothing of it was for the peer.
                         self.status.acked_position = max(self.status.acked_position, position)
                 await self._wait_for_log(position)
                 continue
@@ -598,7 +603,14 @@ class Link:
             self.status.acked_position = max(
                 self.status.acked_position, self._in_flight.popleft().position
             )
-        if not self._in_flight:  # what was read past the last batch was none of the peer's
+        if self._snapshot_unconfirmed is not None:
+            position, sent = self._snapshot_unconfirmed
+            # The peer's own writes are its own to count; the rest it must hold as sent.
+            if all(held.get(o, 0) >= seq for o, seq in sent.items() if o != self._own_origin):
+                self._snapshot_unconfirmed = None
+                self.status.acked_position = max(self.status.acked_position, position)
+        if not self._in_flight and self._snapshot_unconfirmed is None:
+            # What was read past the last batch was none of the peer's.
             self.status.acked_position = max(self.status.acked_position, self.status.sent_position)
         if len(self._in_flight) < self.settings.window:
             self._window_open.set()

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
+import trio
 
 from protocol import Ack, Change, Changes, Hello, Message, Op, Origin, RowVersion, Skip
 from replicator.faults import Faults
@@ -53,7 +54,7 @@ def change(origin: Origin, seq: int, size: int = 10) -> Change:
 
 
 def make_link(
-    vector: dict[Origin, int] | None = None, **settings: Any
+    vector: dict[Origin, int] | None = None, parts: Mapping[str, Any] | None = None, **settings: Any
 ) -> tuple[Link, ScriptedConnection, dict[str, str], Faults]:
     connection = ScriptedConnection()
     alarms: dict[str, str] = {}
@@ -69,14 +70,17 @@ def make_link(
         PeerStatus("b", "127.0.0.2:1"),
         node_id="a",
         settings=LinkSettings(**settings),
-        read_log=nothing,
-        apply=nothing,
-        wait_for_log=nothing,
-        vector=lambda: {ME: 100, OTHER: 7},
-        cluster=ClusterView("a", ["b"]),
-        snapshots=NoSnapshots(),  # type: ignore[arg-type]
-        alarms=alarms,
-        faults=faults,
+        **{  # type: ignore[arg-type]
+            "read_log": nothing,
+            "apply": nothing,
+            "wait_for_log": nothing,
+            "vector": lambda: {ME: 100, OTHER: 7},
+            "cluster": ClusterView("a", ["b"]),
+            "snapshots": NoSnapshots(),
+            "alarms": alarms,
+            "faults": faults,
+            **(parts or {}),
+        },
     )
     return link, connection, alarms, faults
 
@@ -154,3 +158,37 @@ async def test_a_peer_reporting_less_of_its_own_writes_than_this_node_holds_rais
     assert "origin_regressed:b" in alarms
     link._watch_own_origin({PEER: 50})
     assert "origin_regressed:b" not in alarms
+
+
+class SnapshotAt(NoSnapshots):
+    """Sends a full snapshot taken at log position 40, when this node held ME 30, OTHER 7."""
+
+    async def send(self, *args: Any) -> tuple[int, dict[Origin, int]]:
+        return 40, {ME: 30, OTHER: 7}
+
+
+async def test_a_snapshot_counts_as_acknowledged_once_the_peer_shows_it_holds_it() -> None:
+    """A peer brought up to date by a snapshot holds everything: its acknowledged position
+    follows the snapshot (it stayed at the last batch, so a checkpoint and lag were wrong)."""
+    reached = trio.Event()
+
+    async def read_log(position: int, limit: int) -> tuple[list[LogRecord], int]:
+        return [], position
+
+    async def wait_for_log(position: int) -> None:
+        reached.set()
+        await trio.sleep_forever()
+
+    parts = {"snapshots": SnapshotAt(), "read_log": read_log, "wait_for_log": wait_for_log}
+    link, _, _, _ = make_link(parts=parts)
+    link.status.acked_position = link.status.sent_position = 9
+    link.request_snapshot("scheduled")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link._send_loop)
+        await reached.wait()
+        assert link.status.sent_position == 40
+        link._peer_holds({ME: 12, PEER: 3})  # a heartbeat from before the merge
+        assert link.status.acked_position == 9
+        link._peer_holds({ME: 30, OTHER: 7, PEER: 3})  # its ack of the merged snapshot
+        assert link.status.acked_position == 40
+        nursery.cancel_scope.cancel()
