@@ -219,6 +219,7 @@ class Link:
         # What this node held of the peer's own origin at its last heartbeats (oldest first).
         self._held_at_heartbeats: deque[int] = deque([0, 0], maxlen=2)
         self._regressions = 0
+        self._regressed_since: float | None = None
         self._in_flight: deque[_InFlight] = deque()
         # A full snapshot sent and not yet shown held by the peer: (log position, its vector).
         self._snapshot_unconfirmed: tuple[int, dict[Origin, int]] | None = None
@@ -582,7 +583,7 @@ class Link:
     async def _on_heartbeat(self, message: Heartbeat) -> None:
         self.status.skew_ms = message.wall_time_ms - hlc.wall_clock_ms()
         self._peer_holds(message.version_vector)
-        self._watch_own_origin(message.version_vector)
+        self._watch_own_origin(message.version_vector, time.monotonic())
         refused = self._cluster.merge(message.known, hlc.wall_clock_ms())
         if refused:
             self._faults.count("cluster_view", refused)
@@ -615,25 +616,32 @@ class Link:
         if len(self._in_flight) < self.settings.window:
             self._window_open.set()
 
-    def _watch_own_origin(self, vector: Mapping[Origin, int]) -> None:
+    def _watch_own_origin(self, vector: Mapping[Origin, int], now: float) -> None:
         """Alarm when the peer keeps reporting less of its own writes than this node held two
-        heartbeats earlier. A peer's report covers what it sent before it, and what reached
-        this node through others a little later: two heartbeats leave room for both."""
+        heartbeats earlier, for 3 heartbeats and a liveness timeout in a row. A peer's report
+        covers what it sent before it, and what reached this node through others a little
+        later: two heartbeats leave room for both. Heartbeats held up by a stalled connection
+        arrive together once it recovers, all of them old: the time in a row lets them pass."""
         reported = vector.get(self._own_origin, 0)
         held = self._held_at_heartbeats[0]
-        self._regressions = self._regressions + 1 if reported < held else 0
         name = f"origin_regressed:{self.peer}"
-        if self._regressions >= _REGRESSION_HEARTBEATS:
-            if name not in self._alarms:
-                self._log.error("peer reports less of its own writes than this node holds",
-                                reported=reported, held=held)  # fmt: skip
-            self._alarms[name] = (
-                f"{self.peer} reports holding {reported} of its own changes ({self._own_origin}) "
-                f"but this node holds {held}: it lost data without a new incarnation, or skip "
-                "markers for its origin were forged"
-            )
-        elif self._regressions == 0:
+        if reported >= held:
+            self._regressions, self._regressed_since = 0, None
             self._alarms.pop(name, None)
+        else:
+            self._regressions += 1
+            if self._regressed_since is None:
+                self._regressed_since = now
+            lasting = now - self._regressed_since >= self.settings.liveness_timeout
+            if self._regressions >= _REGRESSION_HEARTBEATS and lasting:
+                if name not in self._alarms:
+                    self._log.error("peer reports less of its own writes than this node holds",
+                                    reported=reported, held=held)  # fmt: skip
+                self._alarms[name] = (
+                    f"{self.peer} reports holding {reported} of its own changes "
+                    f"({self._own_origin}) but this node holds {held}: it lost data without a "
+                    "new incarnation, or skip markers for its origin were forged"
+                )
         self._held_at_heartbeats.append(self._vector().get(self._own_origin, 0))
 
 

@@ -147,16 +147,24 @@ async def test_batches_are_cut_by_bytes_and_elements_within_the_bounds() -> None
 async def test_a_peer_reporting_less_of_its_own_writes_than_this_node_holds_raises_an_alarm() -> (
     None
 ):
-    link, _, alarms, _ = make_link()
+    link, _, alarms, _ = make_link(heartbeat_interval=1.0, liveness_timeout=3.0)
     held = {ME: 100, OTHER: 7, PEER: 50}
     link._vector = lambda: dict(held)
-    for _ in range(5):
-        link._watch_own_origin({PEER: 50})
+    for second in range(5):
+        link._watch_own_origin({PEER: 50}, now=second)
     assert "origin_regressed:b" not in alarms
-    for _ in range(3):
-        link._watch_own_origin({PEER: 10})
+    # Heartbeats held up by a stalled connection arrive together, all old: no alarm.
+    for _ in range(6):
+        link._watch_own_origin({PEER: 10}, now=5.0)
+    link._watch_own_origin({PEER: 50}, now=5.01)
+    assert "origin_regressed:b" not in alarms
+    # A peer that keeps reporting less, heartbeat after heartbeat, for a liveness timeout.
+    for second in range(6, 9):
+        link._watch_own_origin({PEER: 10}, now=second)
+    assert "origin_regressed:b" not in alarms
+    link._watch_own_origin({PEER: 10}, now=9)
     assert "origin_regressed:b" in alarms
-    link._watch_own_origin({PEER: 50})
+    link._watch_own_origin({PEER: 50}, now=10)
     assert "origin_regressed:b" not in alarms
 
 
