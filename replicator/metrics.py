@@ -106,6 +106,7 @@ def _families(report: Mapping[str, Any]) -> Iterable[Metric]:
     yield from _snapshot_families(node, _mappings(report.get("snapshots")))
     yield from _divergence_families(node, _mapping(report.get("divergence")))
     yield from _conflict_families(node, report)
+    yield from _limit_families(node, report)
     yield from _store_families(node, report.get("state_store"))
     yield from _persistence_families(node, _mapping(report.get("persistence")))
 
@@ -309,6 +310,36 @@ def _conflict_families(node: str, report: Mapping[str, Any]) -> Iterable[Metric]
     )
     _add(quarantined, [node], report.get("quarantined"))
     yield quarantined
+    dropped = _counter(
+        "replicator_quarantine_dropped_total",
+        "Quarantined changes dropped because the quarantine was full.",
+    )
+    _add(dropped, [node], _mapping(report.get("quarantine")).get("dropped"))
+    yield dropped
+
+
+def _limit_families(node: str, report: Mapping[str, Any]) -> Iterable[Metric]:
+    """What peers had refused, and how long this node held SQLite's write lock."""
+    faults = _counter(
+        "replicator_peer_faults_total", "Inputs refused from peers, by reason.", "reason"
+    )
+    for reason, count in sorted(_mapping(report.get("peer_faults")).items()):
+        _add(faults, [node, str(reason)], count)
+    yield faults
+    lock = _mapping(report.get("write_lock"))
+    transactions = _counter(
+        "replicator_write_transactions_total", "Write transactions of this node (applies, merges)."
+    )
+    _add(transactions, [node], lock.get("transactions"))
+    yield transactions
+    for key, name, doc in (
+        ("p99_ms", "replicator_write_lock_hold_p99_seconds", "99th percentile of recent holds."),
+        ("max_ms", "replicator_write_lock_hold_max_seconds", "Longest hold since the start."),
+    ):
+        family = _gauge(name, f"SQLite write lock held by this node: {doc}")
+        value = _number(lock.get(key))
+        _add(family, [node], None if value is None else value / 1000)
+        yield family
 
 
 def _store_families(node: str, store: object) -> Iterable[Metric]:

@@ -82,6 +82,9 @@ def sample_report() -> dict[str, Any]:
             "by_table": {"dhcp_leases": {"timestamp": {"concurrent": 5, "near_tie": 1}}},
         },
         "quarantined": 4,
+        "quarantine": {"held": 4, "limit": 10_000, "dropped": 6},
+        "peer_faults": {"frame_too_large": 2, "skip_beyond_holdings": 1},
+        "write_lock": {"transactions": 90, "p50_ms": 4.0, "p99_ms": 12.5, "max_ms": 40.0},
         "persistence": {
             "backups": {"count": 3, "bytes": 4096, "newest_at": 1.7e9, "failures": 1},
             "degraded": {"since": 1.7e9, "error": "database or disk is full"},
@@ -169,6 +172,18 @@ def test_snapshot_divergence_and_conflict_series() -> None:
     assert value(samples, "replicator_conflicts_total", kind="concurrent", **kind) == 5
     assert value(samples, "replicator_conflicts_total", kind="near_tie", **kind) == 1
     assert value(samples, "replicator_quarantined_changes", **node) == 4
+    assert value(samples, "replicator_quarantine_dropped_total", **node) == 6
+
+
+def test_peer_faults_and_write_lock_series() -> None:
+    _, samples = scrape(NodeMetrics(sample_report))
+    node = {"node": "node1"}
+    faults = "replicator_peer_faults_total"
+    assert value(samples, faults, reason="frame_too_large", **node) == 2
+    assert value(samples, faults, reason="skip_beyond_holdings", **node) == 1
+    assert value(samples, "replicator_write_transactions_total", **node) == 90
+    assert value(samples, "replicator_write_lock_hold_p99_seconds", **node) == 0.0125
+    assert value(samples, "replicator_write_lock_hold_max_seconds", **node) == 0.04
 
 
 def test_backup_and_write_refusal_series() -> None:
@@ -202,6 +217,9 @@ def test_types_and_names_follow_prometheus_conventions() -> None:
         "replicator_repairs_requested",
         "replicator_rows_repaired",
         "replicator_conflicts",
+        "replicator_quarantine_dropped",
+        "replicator_peer_faults",
+        "replicator_write_transactions",
         "replicator_backup_failures",
     }
     assert all(kind in {"counter", "gauge"} for kind in types.values())
