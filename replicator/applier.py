@@ -35,7 +35,7 @@ from protocol import Change, Op, Origin, RowVersion, Skip
 from protocol.checks import SqlValue
 from replicator import conflicts, dbcall, hlc
 from replicator.log import KEY_ORIGIN, KEY_SEQ, KEY_TABLE, get_logger
-from replicator.persistence import is_write_failure
+from replicator.recovery import refusal
 from replicator.resolvers import Resolver, TimestampResolver
 from replicator.rows import encode_row, key_sql, quote_identifier
 from replicator.store import Store
@@ -487,7 +487,7 @@ def unless_row_error(conn: sqlite3.Connection, error: sqlite3.Error) -> None:
     if not conn.in_transaction:
         raise error
     if isinstance(error, sqlite3.OperationalError) and (
-        is_write_failure(error) or dbcall.is_busy(error)
+        refusal(error) is not None or dbcall.is_busy(error)
     ):
         raise error
 

@@ -24,18 +24,13 @@ from replicator.recovery import RecoveryReport, refusal, restore_backup
 if TYPE_CHECKING:
     from replicator.node import Node
 
-__all__ = ["Persistence", "is_write_failure"]
+__all__ = ["Persistence"]
 
 _log = get_logger("persistence")
 _PROBE_INTERVAL = 1.0
 _PROBE_BYTES = 64 * 1024  # several pages: a full disk cannot hide it in free pages
 _DEGRADED = "degraded"
 RESYNC_BACKUP = "before full resync"
-
-
-def is_write_failure(error: BaseException) -> bool:
-    """A write the disk refused (full, I/O error), as opposed to a bug or a constraint."""
-    return refusal(error) is not None
 
 
 class Persistence:
