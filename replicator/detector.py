@@ -22,6 +22,7 @@ import trio
 from replicator.dbcall import WouldBlock
 from replicator.log import get_logger
 from replicator.store import LogRecord, Store, StoreSettings
+from replicator.tables import TableInfo
 
 __all__ = ["Detector"]
 
@@ -50,6 +51,10 @@ class Detector:
         self._pending = True  # read once at start: entries may be waiting already
         self._recapturing = False
         self._limiter = trio.CapacityLimiter(1)
+        # The replicated tables' shapes as the triggers last matched them, and a count of the
+        # times they changed: peers compare shapes at Hello, so the node re-reads them.
+        self.tables: dict[str, TableInfo] = {}
+        self.shape_changes = 0
 
     def poll(self) -> list[LogRecord]:
         """Blocking: the entries committed since the last call (at most one batch)."""
@@ -94,9 +99,14 @@ class Detector:
         if store is None:
             if quick:
                 raise WouldBlock
-            store = self._store = Store.open(self.settings, prepare=False)
-            # The application may have altered a table since the node prepared the file.
-            self._refresh_triggers(store, recapture_after=self.position)
+            store = Store.open(self.settings, prepare=False)
+            try:
+                # The application may have altered a table since the node prepared the file.
+                self._refresh_triggers(store, recapture_after=self.position)
+            except BaseException:
+                store.close()
+                raise
+            self._store = store
         version = store.data_version()
         if version == self._data_version and not even_if_unmoved:
             return None
@@ -121,7 +131,9 @@ class Detector:
 
     def _refresh_triggers(self, store: Store, recapture_after: int) -> None:
         changed, self._schema_version = store.refresh_triggers(recapture_after=recapture_after)
+        self.tables = dict(store.tables)
         if changed:
+            self.shape_changes += 1
             _log.info("replicated tables changed shape; capture triggers regenerated",
                       tables=changed)  # fmt: skip
 

@@ -73,7 +73,7 @@ from replicator.migrations import SCHEMA_VERSION
 from replicator.pacing import WritePacer
 from replicator.peer import PeerClosed, PeerConnection, PeerDisconnected, PeerSettings
 from replicator.persistence import RESYNC_BACKUP, Persistence
-from replicator.recovery import StateRefusesWrites, open_state
+from replicator.recovery import StateInUse, StateRefusesWrites, is_locked, open_state
 from replicator.resolvers import ManualResolver, Resolver, TimestampResolver, make_resolver
 from replicator.resync import Resync
 from replicator.snapshot import SnapshotError
@@ -287,12 +287,7 @@ class Node:
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         store = await self._prepare_when_writable()
-        await trio.to_thread.run_sync(self.resync.refresh_floor)
-        await trio.to_thread.run_sync(self.resync.clear_staging)
         self._divergence_filter = self.filter_copy()
-        self._checkpoints = await trio.to_thread.run_sync(
-            list_checkpoints, store.conn, _CHECKPOINTS_SHOWN
-        )
         self._peer_settings = await trio.to_thread.run_sync(self._peer_settings_from_config)
         self.origin = store.origin
         detector = Detector(self.store_settings, after=0, batch_size=self.options.link.batch_size)
@@ -307,8 +302,8 @@ class Node:
             )
             keep_running = self.persistence.keep_running
             nursery.start_soon(keep_running, self._expire_conflicts_periodically)
-            nursery.start_soon(self._watch_log, detector)
-            nursery.start_soon(self._refresh_vector_periodically)
+            nursery.start_soon(keep_running, functools.partial(self._watch_log, detector))
+            nursery.start_soon(keep_running, self._refresh_vector_periodically)
             nursery.start_soon(keep_running, self._truncate_log_periodically)
             if self._wal:
                 nursery.start_soon(keep_running, self._checkpoint_periodically)
@@ -335,17 +330,22 @@ class Node:
             task_status.started()
 
     async def _prepare_when_writable(self) -> Store:
-        """A disk that refuses writes at start is waited out (the file is not damaged): the
-        node comes up by itself once there is room, and SIGTERM still stops it meanwhile."""
+        """A disk that refuses writes at start, or an application holding the write lock past
+        the busy timeout, is waited out (the file is not damaged): the node comes up by itself
+        once it can write, and SIGTERM still stops it meanwhile."""
         since: float | None = None
         while True:
             try:
                 store = await trio.to_thread.run_sync(self._prepare)
-            except StateRefusesWrites as error:
+            except (StateRefusesWrites, StateInUse) as error:
                 if since is None:
                     since = time.monotonic()
-                    _log.error("state database refuses writes at start: waiting for room",
-                               error=error.message)  # fmt: skip
+                    if isinstance(error, StateInUse):
+                        _log.warning("state database locked by another connection at start: "
+                                     "waiting", error=error.message)  # fmt: skip
+                    else:
+                        _log.error("state database refuses writes at start: waiting for room",
+                                   error=error.message)  # fmt: skip
                 await trio.sleep(1.0)
                 continue
             if since is not None:
@@ -373,9 +373,27 @@ class Node:
             self._check_persistence,
             has_peers=bool(self.peers),
         )
-        self.persistence.recovery = report
-        if report is not None and report.needs_full_resync:
-            self._pull_full_from_a_peer = f"recovery at start: {report.problem}"
+        if report is not None:  # kept when a later step finds the file locked and retries
+            self.persistence.recovery = report
+            if report.needs_full_resync:
+                self._pull_full_from_a_peer = f"recovery at start: {report.problem}"
+        try:
+            self._set_up(store)
+        except sqlite3.OperationalError as error:
+            store.close()
+            if self._applier is not None:
+                self._applier.store.close()
+                self._applier = None
+            if not is_locked(error):
+                raise
+            raise StateInUse(
+                f"{self.store_settings.path}: another connection holds its write lock ({error})",
+                op="start",
+            ) from error
+        return store
+
+    def _set_up(self, store: Store) -> None:
+        """Role, configuration history, the applier and the filters, on the opened file."""
         mode = self.config.replication.mode
         clock = store.clock()
         self.promoted = clock.promoted
@@ -418,7 +436,9 @@ class Node:
             self.config.file,
         )
         self._settings = shared_settings(replication, store.tables, self.row_filter.describe())
-        return store
+        self.resync.refresh_floor()
+        self.resync.clear_staging()
+        self._checkpoints = list_checkpoints(store.conn, _CHECKPOINTS_SHOWN)
 
     def _peer_settings_from_config(self) -> PeerSettings:
         """Stretch the passphrases once (Argon2id is slow on purpose)."""
@@ -440,8 +460,18 @@ class Node:
     async def _watch_log(self, detector: Detector) -> None:
         """Wake every sender whenever the log grows (local commits or applied batches)."""
         limiter = trio.CapacityLimiter(1)
+        shape_changes = detector.shape_changes
         while True:
             moved = await dbcall.call(detector.conn, limiter, detector.poll_position, inline=True)
+            if detector.shape_changes != shape_changes:
+                # An ALTER TABLE: the next Hello offers the new columns, so a peer that has
+                # migrated too is taken back without a restart of this node.
+                shape_changes = detector.shape_changes
+                self._settings = shared_settings(
+                    self.config.replication,
+                    detector.tables,
+                    None if self.row_filter is None else self.row_filter.describe(),
+                )
             if moved is not None:
                 self._announce_log_change()
                 if len(self.links) < len(self.peers):  # lag of a peer that is down starts now

@@ -18,8 +18,9 @@ import trio
 
 from replicator.backup import BackupInfo, BackupStore
 from replicator.errors import ReplicationError
+from replicator.faults import Throttle
 from replicator.log import get_logger
-from replicator.recovery import RecoveryReport, refusal, restore_backup
+from replicator.recovery import RecoveryReport, is_locked, refusal, restore_backup
 
 if TYPE_CHECKING:
     from replicator.node import Node
@@ -28,6 +29,7 @@ __all__ = ["Persistence"]
 
 _log = get_logger("persistence")
 _PROBE_INTERVAL = 1.0
+_LOCKED_RETRY = 0.5  # seconds between tries while the application holds the write lock
 _PROBE_BYTES = 64 * 1024  # several pages: a full disk cannot hide it in free pages
 _DEGRADED = "degraded"
 RESYNC_BACKUP = "before full resync"
@@ -38,6 +40,7 @@ class Persistence:
         self.node = node
         self.backups = backups
         self.recovery: RecoveryReport | None = None
+        self._busy_lines = Throttle()
         self.degraded: dict[str, Any] | None = None
         self.restoring: str | None = None
         self.last_restore: dict[str, Any] | None = None
@@ -237,14 +240,23 @@ class Persistence:
                 raise
 
     async def keep_running(self, task: Callable[[], Awaitable[None]]) -> None:
-        """Run a periodic task that writes; a refused write pauses it (and replication) until
-        the disk takes writes again, instead of stopping the node."""
+        """Run a periodic task that touches the database; a refused write pauses it (and
+        replication) until the disk takes writes again, and a lock the application held past
+        the busy timeout (a long migration, a bulk import) is waited out, instead of stopping
+        the node."""
+        name = getattr(getattr(task, "func", task), "__name__", "task").strip("_")
         while True:
             try:
                 await task()
                 return
             except sqlite3.DatabaseError as error:
-                if not self.write_failed(error, getattr(task, "__name__", "task")):
+                if is_locked(error):
+                    if self._busy_lines.allow(name) is not None:
+                        _log.warning("state database locked by another connection: retrying",
+                                     task=name, error=str(error))  # fmt: skip
+                    await trio.sleep(_LOCKED_RETRY)
+                    continue
+                if not self.write_failed(error, name):
                     raise
                 await self.writable.wait()
 

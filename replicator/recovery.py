@@ -29,6 +29,7 @@ from replicator.tables import TRIGGER_PREFIX
 
 __all__ = [
     "RecoveryReport",
+    "StateInUse",
     "StateRefusesWrites",
     "open_state",
     "refusal",
@@ -37,14 +38,30 @@ __all__ = [
 ]
 
 _log = get_logger("recovery")
-# SQLite's primary result codes for a disk that refuses writes.
+# SQLite's primary result codes for a disk that refuses writes, and for a lock held too long.
 _SQLITE_IOERR = 10
 _SQLITE_FULL = 13
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
 
 class StateRefusesWrites(ReplicationError):
     """The disk under the state database refuses writes (full, I/O errors): the file is not
     damaged, and nothing may be recovered over it."""
+
+
+class StateInUse(ReplicationError):
+    """Another connection (the application's) held the state database's write lock for longer
+    than the busy timeout: the file is fine, and must be left alone."""
+
+
+def is_locked(error: BaseException) -> bool:
+    """``error`` says another connection holds the lock (SQLITE_BUSY or SQLITE_LOCKED)."""
+    if not isinstance(error, sqlite3.OperationalError):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return "database is locked" in str(error) or "database table is locked" in str(error)
 
 
 def refusal(error: BaseException) -> sqlite3.DatabaseError | None:
@@ -173,6 +190,7 @@ def _open_and_validate(
         store = Store.open(settings)
     except sqlite3.DatabaseError as error:  # not a database, malformed schema pages...
         _refuses_writes(settings.path, error)
+        _in_use(settings.path, error)
         return f"cannot open: {error}", None, None
     if not validate:
         return None, store, None
@@ -181,6 +199,7 @@ def _open_and_validate(
     except sqlite3.DatabaseError as error:
         store.close()
         _refuses_writes(settings.path, error)
+        _in_use(settings.path, error)
         return f"validation stopped: {error}", None, None
     if validation["ok"]:
         _log.info("state database validated", seconds=validation["seconds"])
@@ -199,6 +218,18 @@ def _refuses_writes(path: str, error: sqlite3.DatabaseError) -> None:
             f"{path}: the disk refuses writes ({refused}); the file is left untouched",
             op="open",
             hint="free space on its filesystem (or mend the disk), then start the node again",
+        ) from error
+
+
+def _in_use(path: str, error: sqlite3.DatabaseError) -> None:
+    """A file whose lock the application holds (a long migration, a bulk import) is busy, not
+    damaged: taking it for damage would copy it aside and empty it under the application."""
+    if is_locked(error):
+        raise StateInUse(
+            f"{path}: another connection holds its write lock ({error}); the file is left "
+            "untouched",
+            op="open",
+            hint="the application's transaction must end before the node can prepare the file",
         ) from error
 
 

@@ -1,5 +1,6 @@
-"""What a node does at its limits: a huge transaction, a change too large to send, a port
-already taken, files others could read, and a flood of connections.
+"""What a node does at its limits: a huge transaction, a change too large to send, an
+application holding the write lock, a port already taken, files others could read, and a
+flood of connections.
 
 Real node processes on 127.0.0.x, applications writing with plain sqlite3.
 """
@@ -126,6 +127,55 @@ def test_a_change_too_large_to_send_is_refused_in_the_applications_statement(
         assert app.execute("SELECT count(*) FROM dhcp_leases").fetchone() == (0,)
         app.execute("INSERT INTO dhcp_leases (mac, ip, expires) VALUES ('after', '10.0.0.1', 1)")
     wait_until(lambda: node2.count("dhcp_leases") == 1, what="replication to go on")
+
+
+@contextlib.contextmanager
+def write_lock_held(node: NodeProcess, seconds: float) -> Iterator[sqlite3.Connection]:
+    """The application holds the state file's write lock for ``seconds`` (longer than the
+    node's 5 s busy timeout), as a long migration or bulk import would, then commits."""
+    conn = sqlite3.connect(node.db_path, isolation_level=None, timeout=10)
+    conn.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    try:
+        yield conn
+        time.sleep(max(0.0, seconds - (time.monotonic() - started)))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def test_an_application_holding_the_write_lock_past_the_busy_timeout_is_waited_out(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1, node2 = pair(tmp_path, nodes)
+    insert = "INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, 1)"
+    with node1.app() as app:
+        app.execute(insert, ("before", "10.0.0.1"))
+    wait_until(lambda: node2.count("dhcp_leases") == 1, what="the first lease to replicate")
+    # At start: the file is locked, not damaged; nothing may be copied aside or emptied.
+    node1.stop()
+    with write_lock_held(node1, 7.0) as held:
+        held.execute(insert, ("held at start", "10.0.0.2"))
+        node1.start([node2])
+        waiting = "state database locked by another connection at start: waiting"
+        wait_until(lambda: bool(node1.logged(waiting)), what="node1 to wait for the lock")
+    wait_until(lambda: len(node1.logged("node started")) == 2, what="node1 to start")
+    # While running: the applications alter a table, then node1's holds the lock, so the
+    # node's capture must wait to regenerate its triggers, as an apply waits for its batch.
+    for node in (node2, node1):
+        with node.app() as app:
+            app.execute("ALTER TABLE dhcp_leases ADD COLUMN note TEXT")
+    with write_lock_held(node1, 7.0) as held:
+        held.execute(insert, ("held while running", "10.0.0.3"))
+        with node2.app() as app:
+            app.execute(insert, ("from node2", "10.0.0.4"))
+    wait_until(lambda: node2.count("dhcp_leases") == 4, what="node1's held leases at node2")
+    wait_until(lambda: node1.count("dhcp_leases") == 4, what="node2's lease at node1")
+    assert node1.process is not None
+    assert node1.process.poll() is None
+    assert not node1.logged("state database failed validation at start: recovering")
+    assert not list(node1.directory.glob("state.db.damaged-*"))
+    assert not node1.logged("node stopped by an unexpected error")
 
 
 def test_a_port_already_taken_is_one_line_naming_it_and_nothing_is_written(

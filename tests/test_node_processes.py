@@ -120,6 +120,25 @@ def test_kill_9_of_a_receiving_node_loses_and_duplicates_nothing(
     assert origin_seqs == list(range(1, 10_001))  # each change exactly once
 
 
+def test_nodes_that_migrated_while_running_take_each_other_back_after_a_restart(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    node1, node2 = start_pair(tmp_path, nodes)
+    for node in (node1, node2):
+        node.app().execute("ALTER TABLE dhcp_leases ADD COLUMN note TEXT")
+    followed = "replicated tables changed shape; capture triggers regenerated"
+    wait_until(lambda: bool(node2.logged(followed)), what="node2 to follow its ALTER")
+    node1.stop()
+    node1.start([node2])  # it offers the new columns at Hello; node2 must offer them too
+    wait_until(lambda: len(node1.logged("node started")) == 2, what="node1 to start again")
+    node1.app().execute(
+        "INSERT INTO dhcp_leases (mac, ip, expires, note) VALUES ('m', '10.0.0.1', 1, 'rack 4')"
+    )
+    wait_until(lambda: node2.rows("dhcp_leases") != [], what="the lease at node2")
+    assert "rack 4" in node2.rows("dhcp_leases")[0]
+    assert not node1.logged("peer refused")
+
+
 def test_peer_with_the_wrong_key_is_refused_while_the_others_replicate(
     tmp_path: Path, nodes: list[NodeProcess]
 ) -> None:
