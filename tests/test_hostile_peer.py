@@ -139,8 +139,10 @@ def quarantined(node: NodeProcess) -> int:
 
 
 def disconnected_for(cluster: Cluster, reason: str) -> bool:
-    """node1 dropped the fake node3's link for ``reason``."""
-    lines = cluster.node1.logged("peer disconnected", peer="node3")
+    """node1 dropped the fake node3's link for ``reason`` (or refused it at Hello, when the
+    message arrived in the same read as the fake's Hello)."""
+    node1 = cluster.node1
+    lines = node1.logged("peer disconnected", peer="node3") + node1.logged("peer refused")
     return any(reason in line.get("reason", "") for line in lines)
 
 
