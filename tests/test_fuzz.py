@@ -8,10 +8,11 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import Goodbye, Heartbeat, ProtocolError, RemoteProtocolError, Session
+from protocol import Goodbye, Heartbeat, ProtocolError, RemoteProtocolError, Session, State
 from protocol.codec import Codec, pack
 from protocol.messages import MESSAGE_TYPES, decode_message
 from tests.messages_sample import VECTOR, every_message
@@ -64,6 +65,14 @@ def _closed() -> Session:
     return initiator
 
 
+def assert_failed_for_good(session: Session) -> None:
+    """After any protocol error the session is in ERROR and refuses everything after."""
+    assert session.state is State.ERROR
+    for attempt in (lambda: session.receive_data(b"\x00"), lambda: session.send(Goodbye("x"))):
+        with pytest.raises(ProtocolError, match="already failed"):
+            attempt()
+
+
 STATES: dict[str, Callable[[], Session]] = {
     "awaiting message 1": _fresh_responder,
     "awaiting message 2": _initiator_after_message1,
@@ -98,7 +107,7 @@ def test_random_bytes_in_any_state_raise_only_protocol_errors(
         if close:
             session.receive_data(b"")
     except ProtocolError:
-        pass
+        assert_failed_for_good(session)
 
 
 @FUZZ
@@ -111,8 +120,10 @@ def test_any_length_prefix_raises_only_protocol_errors(
     length: int, tail: bytes, state: str
 ) -> None:
     session = STATES[state]()
-    with contextlib.suppress(ProtocolError):
+    try:
         feed_then_close(session, length.to_bytes(4, "big") + tail)
+    except ProtocolError:
+        assert_failed_for_good(session)
 
 
 @FUZZ
@@ -144,7 +155,7 @@ def test_altered_stream_never_yields_a_message_that_was_not_sent(
             received += responder.receive_data(byte_range)
         received += responder.receive_data(b"")
     except RemoteProtocolError:
-        pass
+        assert_failed_for_good(responder)
     else:
         raise AssertionError("an altered stream was accepted in full")
     messages = [event for event in received if type(event) in MESSAGE_TYPES.values()]

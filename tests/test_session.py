@@ -133,6 +133,16 @@ def test_errors_are_sticky() -> None:
         responder.send(heartbeat())
 
 
+def test_a_message_that_cannot_be_encoded_fails_the_session_for_good() -> None:
+    initiator, _ = open_pair()
+    with pytest.raises(LocalProtocolError):
+        initiator.send(Heartbeat(1, {}, {"table": object()}))  # type: ignore[dict-item]
+    assert initiator.state is State.ERROR
+    with pytest.raises(ProtocolError, match="already failed"):
+        initiator.send(heartbeat())
+    assert initiator.data_to_send() == b""
+
+
 def test_every_flipped_bit_of_a_data_frame_is_refused() -> None:
     keyring = random_keyring()
     frame_bits = 8 * len(open_pair(keyring)[0].send(heartbeat()))
