@@ -47,38 +47,41 @@ from protocol import (
     Skip,
     stretch_passphrase,
 )
-from replicator import conflicts, dbcall, divergence, hlc, retention
-from replicator.api import ControlApi
-from replicator.applier import Applier, ApplyResult
-from replicator.backup import BackupStore
-from replicator.checkpoints import list_checkpoints, take_checkpoint
+from replicator.apply import conflicts
+from replicator.apply.applier import Applier, ApplyResult
+from replicator.apply.resolvers import ManualResolver, Resolver, TimestampResolver, make_resolver
+from replicator.capture import dbcall, hlc
+from replicator.capture.detector import Detector
+from replicator.capture.migrations import SCHEMA_VERSION
+from replicator.capture.pacing import WritePacer
+from replicator.capture.sqlite_errors import is_locked
+from replicator.capture.store import LogRecord, Store, StoreSettings
 from replicator.config import Config
-from replicator.control import serve_control
-from replicator.detector import Detector
+from replicator.durability.backup import BackupStore
+from replicator.durability.history import record_config
+from replicator.durability.persistence import RESYNC_BACKUP, Persistence
+from replicator.durability.recovery import StateInUse, StateRefusesWrites, open_state
 from replicator.errors import ConfigError, ReplicationError, first_leaf
-from replicator.faults import Faults, Throttle
-from replicator.filters import RowFilter
-from replicator.history import record_config
-from replicator.link import Link, LinkSettings, PauseSwitch, PeerStatus
-from replicator.log import KEY_PEER, get_logger
-from replicator.membership import (
+from replicator.log import KEY_PEER, Throttle, get_logger
+from replicator.ops.api import ControlApi
+from replicator.ops.control import serve_control
+from replicator.ops.metrics import NodeMetrics
+from replicator.state.counters import node_figures
+from replicator.sync import divergence, retention
+from replicator.sync.checkpoints import list_checkpoints, take_checkpoint
+from replicator.sync.faults import Faults
+from replicator.sync.filters import RowFilter
+from replicator.sync.link import Link, LinkSettings, PauseSwitch, PeerStatus
+from replicator.sync.membership import (
     ClusterView,
     HelloRefused,
     check_hello,
     fingerprint,
     shared_settings,
 )
-from replicator.metrics import NodeMetrics
-from replicator.migrations import SCHEMA_VERSION
-from replicator.pacing import WritePacer
-from replicator.peer import PeerClosed, PeerConnection, PeerDisconnected, PeerSettings
-from replicator.persistence import RESYNC_BACKUP, Persistence
-from replicator.recovery import StateInUse, StateRefusesWrites, is_locked, open_state
-from replicator.resolvers import ManualResolver, Resolver, TimestampResolver, make_resolver
-from replicator.resync import Resync
-from replicator.snapshot import SnapshotError
-from replicator.state.counters import node_figures
-from replicator.store import LogRecord, Store, StoreSettings
+from replicator.sync.peer import PeerClosed, PeerConnection, PeerDisconnected, PeerSettings
+from replicator.sync.resync import Resync
+from replicator.sync.snapshot import SnapshotError
 
 __all__ = ["Node", "NodeOptions", "unbuilt_settings"]
 
@@ -756,7 +759,7 @@ class Node:
 
     # -- operator view -----------------------------------------------------------------------
 
-    # -- for the operator API (replicator.api) ------------------------------------------------
+    # -- for the operator API (replicator.ops.api) ------------------------------------------------
 
     @property
     def apply_limiter(self) -> trio.CapacityLimiter:
@@ -1363,7 +1366,7 @@ class Node:
                     # Not acknowledged: the peer sends it again once this node takes writes.
                     raise PeerDisconnected(f"state database refuses writes: {error}",
                                            op="apply") from None  # fmt: skip
-                if not dbcall.is_busy(error):
+                if not is_locked(error):
                     raise
                 if self._throttle.allow("busy") is not None:
                     _log.warning("state database busy; retrying the batch", error=str(error))

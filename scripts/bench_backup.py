@@ -40,11 +40,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from replicator.backup import BackupInfo, BackupStore
+from replicator.capture.store import Store, StoreSettings
 from replicator.config import BackupConfig, Retention
+from replicator.durability.backup import BackupInfo, BackupStore
+from replicator.durability.recovery import restore_backup
 from replicator.log import configure
-from replicator.recovery import restore_backup
-from replicator.store import Store, StoreSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "conf" / "schema.sql"

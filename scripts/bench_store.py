@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import ParamSpec, TypeAlias, TypeVar
 
 from protocol import Change, Op
-from replicator.applier import Applier
-from replicator.store import LogRecord, Store, StoreSettings
+from replicator.apply.applier import Applier
+from replicator.capture.store import LogRecord, Store, StoreSettings
 
 TABLE = "dhcp_leases"
 SCHEMA = (

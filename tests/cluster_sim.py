@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from protocol import Change, Origin, RowVersion, Skip
-from replicator import conflicts
-from replicator.applier import Applier, ApplyResult
-from replicator.resolvers import Resolver
-from replicator.store import LogRecord, Store, StoreSettings
+from replicator.apply import conflicts
+from replicator.apply.applier import Applier, ApplyResult
+from replicator.apply.resolvers import Resolver
+from replicator.capture.store import LogRecord, Store, StoreSettings
 
 __all__ = [
     "COLUMNS",

@@ -1,6 +1,6 @@
 """A peer that holds the cluster key: what a compromised or buggy node can send a real node.
 
-It speaks the real protocol (`protocol.Session` inside `replicator.peer.PeerConnection`, over
+It speaks the real protocol (`protocol.Session` inside `replicator.sync.peer.PeerConnection`, over
 real sockets) under the identity of a node the target has configured, with the settings
 fingerprint that node would send, so the target lets it past Hello. After that it sends
 whatever a test hands it: well-formed messages with hostile content, or raw plaintext sealed
@@ -19,11 +19,11 @@ import trio
 from protocol import Goodbye, Hello, Keyring, Message, Origin, stretch_passphrase
 from protocol.crypto import STREAM_OVERHEAD, TAG_MESSAGE
 from protocol.framing import frame_header
+from replicator.capture.migrations import SCHEMA_VERSION
+from replicator.capture.store import Store, StoreSettings
 from replicator.config import load_config
-from replicator.membership import fingerprint, shared_settings
-from replicator.migrations import SCHEMA_VERSION
-from replicator.peer import PeerConnection, PeerSettings
-from replicator.store import Store, StoreSettings
+from replicator.sync.membership import fingerprint, shared_settings
+from replicator.sync.peer import PeerConnection, PeerSettings
 from tests.node_procs import SCHEMA, NodeProcess
 
 __all__ = ["KeyHolder", "next_goodbye", "origin_of", "reset", "seal_raw", "until_closed"]
@@ -129,7 +129,7 @@ async def next_goodbye(connection: PeerConnection, within: float = 5.0) -> str |
 
 async def until_closed(connection: PeerConnection, within: float = 10.0) -> list[Message]:
     """Read until the node drops the connection; returns what it sent before."""
-    from replicator.peer import PeerDisconnected
+    from replicator.sync.peer import PeerDisconnected
 
     received: list[Message] = []
     with trio.fail_after(within):

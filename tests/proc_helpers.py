@@ -396,7 +396,7 @@ def cmd_alter_workload(path: str, seed: str) -> None:
 def big_batch(n: int) -> list[Any]:
     """``n`` inserts from one remote origin, sequences 1..n (deterministic content)."""
     from protocol import Change, Op, Origin, RowVersion
-    from replicator import hlc
+    from replicator.capture import hlc
 
     origin = Origin(*BIG_ORIGIN)
     base = hlc.pack(hlc.wall_clock_ms() - 60_000)
@@ -425,8 +425,8 @@ def cmd_apply_batch(path: str, node_id: str, count: str) -> None:
     """Applies one large batch in one call; prints ``applying`` before and ``done`` after, and
     ``sql <statement start>`` each time the applier's connection starts a different statement
     (consecutive executions of one statement, as in executemany, print once)."""
-    from replicator.applier import Applier
-    from replicator.store import Store, StoreSettings
+    from replicator.apply.applier import Applier
+    from replicator.capture.store import Store, StoreSettings
 
     store = Store.open(StoreSettings(path, node_id, TABLES), prepare=False)
     changes = big_batch(int(count))

@@ -23,7 +23,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from replicator.backup import (
+from replicator.capture.store import Store, StoreSettings
+from replicator.config import BackupConfig, Retention
+from replicator.durability.backup import (
     HEADER,
     RECORD_LENGTH,
     BackupCorrupt,
@@ -34,8 +36,6 @@ from replicator.backup import (
     expired,
     load_key,
 )
-from replicator.config import BackupConfig, Retention
-from replicator.store import Store, StoreSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = "node1"
@@ -77,7 +77,7 @@ while True:
 # Makes one backup of argv[1] into argv[2]; the test kills it with -9 part way.
 BACKER = """
 import sys
-from replicator.backup import BackupStore
+from replicator.durability.backup import BackupStore
 from replicator.config import BackupConfig
 config = BackupConfig(enabled=True, directory=sys.argv[2], compression_level=int(sys.argv[3]))
 BackupStore(config, "node1").create(sys.argv[1])

@@ -34,10 +34,10 @@ import pytest
 import trio
 
 from protocol import Change, Op, Origin, RowVersion, Skip
-from replicator import hlc
-from replicator.applier import Applier
-from replicator.detector import Detector
-from replicator.store import LogRecord, Store, StoreSettings
+from replicator.apply.applier import Applier
+from replicator.capture import hlc
+from replicator.capture.detector import Detector
+from replicator.capture.store import LogRecord, Store, StoreSettings
 from tests.proc_helpers import BIG_ORIGIN, SCHEMA, TABLES, app_connect, big_batch
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from replicator import cli_format as fmt
-from replicator.cli import (
+from replicator.cli import render as fmt
+from replicator.cli.commands import (
     EXIT_NODE_ERROR,
     EXIT_OK,
     EXIT_PROBLEM,

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from protocol import Change, Origin, RowVersion
-from replicator import conflicts
-from replicator.resolvers import ManualResolver, PriorityResolver, Resolver, TimestampResolver
+from replicator.apply import conflicts
+from replicator.apply.resolvers import ManualResolver, PriorityResolver, Resolver, TimestampResolver
 from tests.cluster_sim import (
     COLUMNS,
     PRIMARY_KEYS,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from replicator import dbcall
+from replicator.capture import dbcall
 
 
 def connect(path: Path) -> sqlite3.Connection:

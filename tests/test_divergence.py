@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from replicator import divergence
-from replicator.snapshot import SnapshotMerge, SnapshotSource
+from replicator.sync import divergence
+from replicator.sync.snapshot import SnapshotMerge, SnapshotSource
 from tests.cluster_sim import Node, sync_until_quiescent
 from tests.test_snapshot import fill, nodes
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from protocol import Change, Op, Origin, RowVersion
+from replicator.capture.store import Store, StoreSettings
 from replicator.config import load_config
 from replicator.errors import ConfigError
-from replicator.filters import RowFilter
-from replicator.store import Store, StoreSettings
+from replicator.sync.filters import RowFilter
 from tests.node_procs import SCHEMA
 
 ORIGIN = Origin("node1", 1)

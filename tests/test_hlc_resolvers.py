@@ -13,9 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol import Origin, RowVersion
-from replicator import conflicts, hlc
-from replicator.errors import ClockOffsetError, ConfigError
-from replicator.resolvers import (
+from replicator.apply import conflicts
+from replicator.apply.resolvers import (
     ManualResolver,
     PriorityResolver,
     Resolver,
@@ -23,7 +22,9 @@ from replicator.resolvers import (
     load_plugin,
     make_resolver,
 )
-from replicator.store import Store, StoreSettings
+from replicator.capture import hlc
+from replicator.capture.store import Store, StoreSettings
+from replicator.errors import ClockOffsetError, ConfigError
 
 HOUR_MS = 3_600_000
 

@@ -32,8 +32,8 @@ from protocol import (
     SnapshotTable,
 )
 from protocol.checks import INT64_MAX
-from replicator import hlc
-from replicator.applier import QUARANTINE_LIMIT
+from replicator.apply.applier import QUARANTINE_LIMIT
+from replicator.capture import hlc
 from tests.key_holder import KeyHolder, origin_of, reset, seal_raw, until_closed
 from tests.node_procs import NodeProcess, wait_until
 

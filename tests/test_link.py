@@ -13,11 +13,11 @@ import pytest
 import trio
 
 from protocol import Ack, Change, Changes, Hello, Message, Op, Origin, RowVersion, Skip
-from replicator.faults import Faults
-from replicator.link import Link, LinkSettings, PeerStatus
-from replicator.membership import ClusterView
-from replicator.peer import PeerDisconnected
-from replicator.store import LogRecord
+from replicator.capture.store import LogRecord
+from replicator.sync.faults import Faults
+from replicator.sync.link import Link, LinkSettings, PeerStatus
+from replicator.sync.membership import ClusterView
+from replicator.sync.peer import PeerDisconnected
 
 ME, PEER, OTHER = Origin("a", 1), Origin("b", 1), Origin("c", 1)
 

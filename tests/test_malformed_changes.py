@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from protocol import Change, Changes, Op, Origin, RowVersion
 from protocol.checks import INT64_MAX, INT64_MIN
-from replicator.applier import Applier
-from replicator.store import Store, StoreSettings
+from replicator.apply.applier import Applier
+from replicator.capture.store import Store, StoreSettings
 from tests.node_procs import SCHEMA
 from tests.pairs import open_pair
 

@@ -10,8 +10,8 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from replicator.metrics import NodeMetrics
-from replicator.snapshot import SnapshotProgress
+from replicator.ops.metrics import NodeMetrics
+from replicator.sync.snapshot import SnapshotProgress
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

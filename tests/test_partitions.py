@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from replicator import hlc
+from replicator.capture import hlc
 from tests.fault_proxy import FaultProxy
 from tests.node_procs import NodeProcess, wait_until
 

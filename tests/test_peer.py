@@ -13,7 +13,7 @@ import trio
 
 from protocol import Goodbye, Heartbeat, Keyring, SessionSettings
 from protocol.framing import frame_header
-from replicator.peer import PeerConnection, PeerDisconnected, PeerSettings
+from replicator.sync.peer import PeerConnection, PeerDisconnected, PeerSettings
 
 CLUSTER = "peer-tests"
 

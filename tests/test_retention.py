@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 from protocol import Origin
-from replicator import hlc
-from replicator.resolvers import PriorityResolver, TimestampResolver
-from replicator.retention import collect_tombstones, stable_bound, truncate_log
+from replicator.apply.resolvers import PriorityResolver, TimestampResolver
+from replicator.capture import hlc
+from replicator.sync.retention import collect_tombstones, stable_bound, truncate_log
 from tests.cluster_sim import Node, deliver, sync_until_quiescent
 
 TIMESTAMP = TimestampResolver()

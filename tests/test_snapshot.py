@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from protocol import SnapshotChunk
-from replicator import retention
-from replicator.snapshot import SnapshotError, SnapshotMerge, SnapshotSource
+from replicator.sync import retention
+from replicator.sync.snapshot import SnapshotError, SnapshotMerge, SnapshotSource
 from tests.cluster_sim import Node, deliver, deliver_records, sync_until_quiescent
 from tests.test_retention import TIMESTAMP, tombstones
 

@@ -22,10 +22,10 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from protocol import Change, Skip
-from replicator import divergence
 from replicator.app_migrations import Migration, MigrationError, Migrations
-from replicator.applier import Applier
-from replicator.metrics import NodeMetrics
+from replicator.apply.applier import Applier
+from replicator.capture.store import Store, StoreSettings
+from replicator.ops.metrics import NodeMetrics
 from replicator.state import (
     DDL,
     TABLE,
@@ -40,7 +40,7 @@ from replicator.state import (
     WriteBehindFull,
 )
 from replicator.state.counters import node_figures
-from replicator.store import Store, StoreSettings
+from replicator.sync import divergence
 
 ROOT = Path(__file__).resolve().parent.parent
 

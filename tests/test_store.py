@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import Change, Op
+from replicator.capture.migrations import SCHEMA_VERSION
+from replicator.capture.rows import decode_row, encode_row, key_sql, parse_key, pk_key
+from replicator.capture.store import Store, StoreSettings
+from replicator.capture.tables import SIZE_LIMIT_TRIGGER
 from replicator.errors import SchemaError
-from replicator.migrations import SCHEMA_VERSION
-from replicator.rows import decode_row, encode_row, key_sql, parse_key, pk_key
-from replicator.store import Store, StoreSettings
-from replicator.tables import SIZE_LIMIT_TRIGGER
 
 SCHEMA = """
 CREATE TABLE leases (mac TEXT PRIMARY KEY, ip TEXT, expires INTEGER, client BLOB, score REAL);
@@ -302,7 +302,7 @@ def test_plain_inserts_into_a_table_with_unique_columns_log_nothing_extra(tmp_pa
 
 
 def test_applier_follows_a_column_added_by_the_application(tmp_path: Path) -> None:
-    from replicator.applier import Applier
+    from replicator.apply.applier import Applier
 
     source = open_store(tmp_path / "a.db", ("leases",), node="a")
     target = open_store(tmp_path / "b.db", ("leases",), node="b")

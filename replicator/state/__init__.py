@@ -10,7 +10,7 @@ Its table, ``state_kv``, replicates like any table a node lists in ``replication
 same capture, same conflict strategy. Scopes isolate tenants; transactions are all or
 nothing; keys may expire; `BatchedWriter` coalesces rapid updates; `AsyncStateStore` serves
 trio and asyncio code. Migrations for the application's own tables are in
-`replicator.app_migrations`.
+`replicator.state.migrations` (imported by applications as `replicator.app_migrations`).
 """
 
 from replicator.state.aio import AsyncStateStore, Runner, asyncio_runner, trio_runner

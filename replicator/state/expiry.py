@@ -8,7 +8,7 @@ newer write, local or applied, would have to commit before or after it, never in
 
 Each removed row keeps its version as a tombstone in `_repl_rowmeta`. A newer write arriving
 later still beats it and comes back in; a late write that would have lost to the expired
-version still loses; the tombstone is collected like any other (`replicator.retention`). And
+version still loses; the tombstone is collected like any other (`replicator.sync.retention`). And
 the divergence checker, which looks for live versions whose row is gone, does not mistake a
 purged row for one deleted behind replication's back.
 
@@ -30,9 +30,9 @@ from collections.abc import Mapping
 import msgpack
 
 from protocol.checks import SqlValue
-from replicator.rows import key_sql
+from replicator.capture.rows import key_sql
+from replicator.capture.tables import TableInfo
 from replicator.state.schema import EXPIRY_SCOPE, TABLE, is_replicated
-from replicator.tables import TableInfo
 
 __all__ = ["checksum_cutoff", "left_out", "purge", "watermarks"]
 

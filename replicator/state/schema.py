@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from replicator.capture.tables import TRIGGER_PREFIX
 from replicator.state.errors import StateSchemaError
-from replicator.tables import TRIGGER_PREFIX
 
 __all__ = ["DDL", "EXPIRY_SCOPE", "RESERVED_PREFIX", "TABLE", "ensure_table", "is_replicated"]
 

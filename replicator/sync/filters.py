@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 from protocol import Change, Op, SnapshotRow
 from protocol.checks import SqlValue
+from replicator.capture.rows import pk_key, quote_identifier
+from replicator.capture.tables import TableInfo
 from replicator.config import FILTER_TYPES, ReplicationConfig
 from replicator.errors import ConfigError
-from replicator.rows import pk_key, quote_identifier
-from replicator.tables import TableInfo
 
 __all__ = ["RowFilter"]
 

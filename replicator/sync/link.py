@@ -45,14 +45,14 @@ from protocol import (
     SnapshotRequest,
 )
 from protocol.codec import DEFAULT_MAX_ELEMENTS
-from replicator import hlc
-from replicator.applier import ApplyResult
+from replicator.apply.applier import ApplyResult
+from replicator.capture import hlc
+from replicator.capture.store import LogRecord
 from replicator.errors import first_leaf
-from replicator.faults import Faults
 from replicator.log import KEY_PEER, get_logger
-from replicator.membership import ClusterView
-from replicator.peer import OFF_LOOP_BYTES, PeerConnection, PeerDisconnected
-from replicator.store import LogRecord
+from replicator.sync.faults import Faults
+from replicator.sync.membership import ClusterView
+from replicator.sync.peer import OFF_LOOP_BYTES, PeerConnection, PeerDisconnected
 
 __all__ = ["Link", "LinkSettings", "PauseSwitch", "PeerStatus"]
 
@@ -123,7 +123,7 @@ _Entry = tuple[Change | Skip, int]  # an entry for the peer and the log position
 
 
 class Snapshots(Protocol):
-    """What a link needs from the node for full resyncs (see `replicator.snapshot`)."""
+    """What a link needs from the node for full resyncs (see `replicator.sync.snapshot`)."""
 
     def log_floor(self) -> Mapping[Origin, int]:
         """Per origin, the sequence at or below which this node's log holds nothing."""

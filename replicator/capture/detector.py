@@ -19,10 +19,10 @@ from typing import TypeVar
 
 import trio
 
-from replicator.dbcall import WouldBlock
+from replicator.capture.dbcall import WouldBlock
+from replicator.capture.store import LogRecord, Store, StoreSettings
+from replicator.capture.tables import TableInfo
 from replicator.log import get_logger
-from replicator.store import LogRecord, Store, StoreSettings
-from replicator.tables import TableInfo
 
 __all__ = ["Detector"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from protocol import RowVersion
-from replicator import hlc
+from replicator.capture import hlc
 from replicator.errors import ConfigError
 
 __all__ = [

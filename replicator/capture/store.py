@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol import Change, Op, Origin, RowVersion, Skip
-from replicator import hlc
-from replicator.errors import SchemaError
-from replicator.log import KEY_TABLE, get_logger
-from replicator.migrations import migrate
-from replicator.rows import decode_row, key_sql, pk_key, quote_identifier
-from replicator.tables import (
+from replicator.capture import hlc
+from replicator.capture.migrations import migrate
+from replicator.capture.rows import decode_row, key_sql, pk_key, quote_identifier
+from replicator.capture.tables import (
     OP_SKIP,
     SIZE_LIMIT_TRIGGER,
     TRIGGER_PREFIX,
@@ -31,6 +29,8 @@ from replicator.tables import (
     size_limit_statement,
     trigger_statements,
 )
+from replicator.errors import SchemaError
+from replicator.log import KEY_TABLE, get_logger
 
 __all__ = ["ClockState", "LogRecord", "Store", "StoreSettings", "connect", "create_private"]
 

@@ -33,9 +33,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from replicator.client import ControlClient
+from replicator.capture.hlc import physical_ms
 from replicator.errors import ReplicationError
-from replicator.hlc import physical_ms
+from replicator.ops.client import ControlClient
 
 __all__ = ["run_demo"]
 
@@ -78,7 +78,8 @@ SHORT = Pace(rate=60, warmup=3, paused=1, outage=3, after=2, converge_timeout=20
 FULL = Pace(rate=100, warmup=15, paused=3, outage=15, after=10, converge_timeout=60, plain_every=5)
 REFRESH = 0.5
 WRITER_CODE = (
-    "import sys; from replicator.demo import _writer_main; sys.exit(_writer_main(sys.argv[1:]))"
+    "import sys; from replicator.demo.cluster import _writer_main; "
+    "sys.exit(_writer_main(sys.argv[1:]))"
 )
 
 

@@ -40,8 +40,14 @@ from protocol import (
     SnapshotTable,
 )
 from protocol.checks import SqlValue
-from replicator.applier import Applier, delete_sql, unless_row_error, upsert_sql
-from replicator.divergence import (
+from replicator.apply.applier import Applier, delete_sql, unless_row_error, upsert_sql
+from replicator.capture.pacing import WritePacer
+from replicator.capture.rows import key_sql, parse_key, quote_identifier
+from replicator.capture.store import Store, StoreSettings, connect
+from replicator.capture.tables import TableInfo
+from replicator.errors import ReplicationError
+from replicator.log import KEY_PEER, get_logger
+from replicator.sync.divergence import (
     TAMPERED,
     Checksums,
     compute,
@@ -51,13 +57,7 @@ from replicator.divergence import (
     row_hash,
     versioned_rows,
 )
-from replicator.errors import ReplicationError
-from replicator.filters import RowFilter
-from replicator.log import KEY_PEER, get_logger
-from replicator.pacing import WritePacer
-from replicator.rows import key_sql, parse_key, quote_identifier
-from replicator.store import Store, StoreSettings, connect
-from replicator.tables import TableInfo
+from replicator.sync.filters import RowFilter
 
 __all__ = [
     "SnapshotError",
@@ -336,7 +336,7 @@ class SnapshotMerge:
         pacer: WritePacer | None = None,
     ) -> None:
         self.applier = applier
-        self.pacer = pacer  # spaces the merge's transactions out (see `replicator.pacing`)
+        self.pacer = pacer  # spaces the merge's transactions out (see `replicator.capture.pacing`)
         self.view = view  # the rows this node shares: the others never came from the sender
         self.begin = begin
         self.peer = peer

@@ -19,7 +19,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from protocol import Origin
-from replicator import hlc
+from replicator.capture import hlc
 
 __all__ = [
     "CHUNK",

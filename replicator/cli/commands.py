@@ -1,6 +1,6 @@
 """The `replicator` command: run a node, and operate a running one through its control socket.
 
-Every operator command is a thin client of the control API (`replicator.client`): it asks
+Every operator command is a thin client of the control API (`replicator.ops.client`): it asks
 the node, then prints the answer as aligned text or, with ``--json``, as the node sent it.
 Exit codes are part of the interface, so scripts and monitoring can act on them.
 """
@@ -26,14 +26,15 @@ from typing import Any
 import click
 import trio
 
-from replicator import __version__, hlc
-from replicator import cli_format as fmt
-from replicator.client import ControlClient, NodeUnreachable, RequestFailed
+from replicator import __version__
+from replicator.capture import hlc
+from replicator.cli import render as fmt
 from replicator.config import Config, load_config
-from replicator.demo import run_demo
+from replicator.demo.cluster import run_demo
 from replicator.errors import ConfigError, ReplicationError, first_leaf
 from replicator.log import configure, get_logger
 from replicator.node import Node
+from replicator.ops.client import ControlClient, NodeUnreachable, RequestFailed
 
 __all__ = [
     "DEFAULT_SOCKET",

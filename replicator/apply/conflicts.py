@@ -18,9 +18,9 @@ from typing import Any
 
 from protocol import Origin, RowVersion
 from protocol.checks import SqlValue
-from replicator import hlc
+from replicator.capture import hlc
+from replicator.capture.rows import decode_row, key_sql, quote_identifier
 from replicator.errors import ReplicationError
-from replicator.rows import decode_row, key_sql, quote_identifier
 
 __all__ = [
     "Conflict",

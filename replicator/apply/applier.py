@@ -33,13 +33,14 @@ from typing import Any
 
 from protocol import Change, Op, Origin, RowVersion, Skip
 from protocol.checks import SqlValue
-from replicator import conflicts, dbcall, hlc
+from replicator.apply import conflicts
+from replicator.apply.resolvers import Resolver, TimestampResolver
+from replicator.capture import hlc
+from replicator.capture.rows import encode_row, key_sql, quote_identifier
+from replicator.capture.sqlite_errors import is_locked, refusal
+from replicator.capture.store import Store
+from replicator.capture.tables import OP_SKIP, TableInfo, inspect_table
 from replicator.log import KEY_ORIGIN, KEY_SEQ, KEY_TABLE, get_logger
-from replicator.recovery import refusal
-from replicator.resolvers import Resolver, TimestampResolver
-from replicator.rows import encode_row, key_sql, quote_identifier
-from replicator.store import Store
-from replicator.tables import OP_SKIP, TableInfo, inspect_table
 
 __all__ = [
     "QUARANTINE_LIMIT",
@@ -487,7 +488,7 @@ def unless_row_error(conn: sqlite3.Connection, error: sqlite3.Error) -> None:
     if not conn.in_transaction:
         raise error
     if isinstance(error, sqlite3.OperationalError) and (
-        refusal(error) is not None or dbcall.is_busy(error)
+        refusal(error) is not None or is_locked(error)
     ):
         raise error
 

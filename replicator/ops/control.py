@@ -25,9 +25,9 @@ from urllib.parse import parse_qsl, unquote
 import h11
 import trio
 
+from replicator.capture.sqlite_errors import refusal
 from replicator.errors import ReplicationError
 from replicator.log import get_logger
-from replicator.recovery import refusal
 
 __all__ = ["ControlError", "Request", "Response", "Routes", "serve_control"]
 

@@ -10,32 +10,67 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import trio
 
-from replicator import conflicts
-from replicator.backup import BackupCorrupt, BackupError, BackupInfo, BackupStore
-from replicator.control import ControlError, Request, Response, Routes
+from replicator.apply import conflicts
+from replicator.capture.rows import quote_identifier
+from replicator.capture.store import Store, StoreSettings
+from replicator.config import Config, PeerConfig
+from replicator.durability.backup import BackupCorrupt, BackupError, BackupInfo, BackupStore
+from replicator.durability.persistence import Persistence
+from replicator.durability.recovery import validate_state
 from replicator.log import KEY_PEER, get_logger
-from replicator.peer import PeerDisconnected
-from replicator.recovery import validate_state
-from replicator.rows import quote_identifier
-from replicator.store import Store
+from replicator.ops.control import ControlError, Request, Response, Routes
+from replicator.ops.metrics import NodeMetrics
+from replicator.sync.link import Link, PauseSwitch
+from replicator.sync.peer import PeerDisconnected
+from replicator.sync.resync import Resync
 
-if TYPE_CHECKING:
-    from replicator.node import Node
-
-__all__ = ["ControlApi"]
+__all__ = ["ControlApi", "NodeForApi"]
 
 _log = get_logger("api")
 _T = TypeVar("_T")
 _WAIT_FOR_PEERS = 3.0  # validate: how long to wait for peers' checksums at our vector
 
 
+class NodeForApi(Protocol):
+    """What the operator API reads of the node and asks it to do."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def peers(self) -> Mapping[str, PeerConfig]: ...
+    @property
+    def links(self) -> Mapping[str, Link]: ...
+    @property
+    def persistence(self) -> Persistence: ...
+    @property
+    def metrics(self) -> NodeMetrics: ...
+    @property
+    def pause_switch(self) -> PauseSwitch: ...
+    @property
+    def resync(self) -> Resync: ...
+    @property
+    def store_settings(self) -> StoreSettings: ...
+
+    last_validation: dict[str, Any] | None  # the API's own validate sets it too
+
+    @property
+    def apply_limiter(self) -> trio.CapacityLimiter: ...
+    def applier_store(self) -> Store: ...
+    def announce_log_change(self) -> None: ...
+    async def fresh_status(self) -> dict[str, Any]: ...
+    async def promote(self) -> dict[str, Any]: ...
+    async def check_divergence_now(self) -> None: ...
+    async def forget(self) -> int: ...
+    async def take_checkpoint(self, reason: str) -> dict[str, Any]: ...
+
+
 class ControlApi:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeForApi) -> None:
         self.node = node
 
     def routes(self) -> Routes:

@@ -25,12 +25,12 @@ import msgpack
 
 from protocol import BUCKETS, Origin, RowVersion, SnapshotRow
 from protocol.checks import SqlValue
-from replicator.rows import decode_row, key_sql, parse_key, quote_identifier
+from replicator.capture.rows import decode_row, key_sql, parse_key, quote_identifier
+from replicator.capture.tables import TableInfo
 from replicator.state import expiry
-from replicator.tables import TableInfo
 
 if TYPE_CHECKING:
-    from replicator.filters import RowFilter
+    from replicator.sync.filters import RowFilter
 
 __all__ = [
     "TAMPERED",

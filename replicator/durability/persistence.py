@@ -10,22 +10,23 @@ own earlier writes included.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-from replicator.backup import BackupInfo, BackupStore
+from protocol import Origin
+from replicator.capture.sqlite_errors import is_locked, refusal
+from replicator.capture.store import Store, StoreSettings
+from replicator.config import Config
+from replicator.durability.backup import BackupInfo, BackupStore
+from replicator.durability.recovery import RecoveryReport, restore_backup
 from replicator.errors import ReplicationError
-from replicator.faults import Throttle
-from replicator.log import get_logger
-from replicator.recovery import RecoveryReport, is_locked, refusal, restore_backup
+from replicator.log import Throttle, get_logger
 
-if TYPE_CHECKING:
-    from replicator.node import Node
-
-__all__ = ["Persistence"]
+__all__ = ["NodeForPersistence", "Persistence"]
 
 _log = get_logger("persistence")
 _PROBE_INTERVAL = 1.0
@@ -35,8 +36,28 @@ _DEGRADED = "degraded"
 RESYNC_BACKUP = "before full resync"
 
 
+class NodeForPersistence(Protocol):
+    """What persistence needs of the node: its settings and alarms, the applier's connection
+    and limiter, and the links to stop and restart around a restore or a full disk."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def alarms(self) -> dict[str, str]: ...
+    @property
+    def store_settings(self) -> StoreSettings: ...
+    @property
+    def apply_limiter(self) -> trio.CapacityLimiter: ...
+    @property
+    def divergence_lock(self) -> threading.Lock: ...
+    def applier_store(self) -> Store: ...
+    def forget_row_hashes(self) -> None: ...
+    async def close_links(self, reason: str) -> None: ...
+    async def after_restore(self, origin: Origin) -> None: ...
+
+
 class Persistence:
-    def __init__(self, node: Node, backups: BackupStore | None) -> None:
+    def __init__(self, node: NodeForPersistence, backups: BackupStore | None) -> None:
         self.node = node
         self.backups = backups
         self.recovery: RecoveryReport | None = None

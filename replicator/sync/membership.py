@@ -13,9 +13,9 @@ import json
 from collections.abc import Iterable, Mapping
 
 from protocol import Hello, Origin
+from replicator.capture.tables import TableInfo
 from replicator.config import ReplicationConfig
 from replicator.errors import ReplicationError
-from replicator.tables import TableInfo
 
 __all__ = ["ClusterView", "HelloRefused", "check_hello", "fingerprint", "shared_settings"]
 

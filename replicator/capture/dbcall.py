@@ -16,18 +16,15 @@ from typing import TypeVar
 
 import trio
 
-__all__ = ["WouldBlock", "call", "is_busy", "no_waiting"]
+from replicator.capture.sqlite_errors import is_locked
+
+__all__ = ["WouldBlock", "call", "no_waiting"]
 
 _T = TypeVar("_T")
 
 
 class WouldBlock(Exception):
     """Raised by a function run on the loop when it finds more work than is quick."""
-
-
-def is_busy(error: sqlite3.OperationalError) -> bool:
-    message = str(error)
-    return "locked" in message or "busy" in message
 
 
 @contextlib.contextmanager
@@ -59,6 +56,6 @@ async def call(
             except WouldBlock:
                 pass
             except sqlite3.OperationalError as error:
-                if not is_busy(error):
+                if not is_locked(error):
                     raise
     return await trio.to_thread.run_sync(function, False, limiter=limiter)

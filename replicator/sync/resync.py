@@ -1,6 +1,6 @@
 """The node's side of full resyncs: sending and merging snapshots over links, with progress.
 
-`replicator.snapshot` does the database work; this runs it in worker threads (merges on the
+`replicator.sync.snapshot` does the database work; this runs it in worker threads (merges on the
 applier's connection, behind its limiter), streams the messages, keeps what status shows, and
 raises or clears the alarms.
 """
@@ -15,24 +15,24 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import trio
 
 from protocol import Origin, SnapshotBegin, SnapshotChunk, SnapshotEnd
-from replicator.applier import Applier
+from replicator.apply.applier import Applier
+from replicator.capture.pacing import WritePacer
+from replicator.capture.store import StoreSettings
 from replicator.config import ResyncConfig
-from replicator.divergence import Checksums
-from replicator.filters import RowFilter
 from replicator.log import KEY_PEER, get_logger
-from replicator.pacing import WritePacer
-from replicator.peer import PeerConnection, PeerDisconnected
-from replicator.snapshot import (
+from replicator.sync.divergence import Checksums
+from replicator.sync.filters import RowFilter
+from replicator.sync.peer import PeerConnection, PeerDisconnected
+from replicator.sync.snapshot import (
     SnapshotError,
     SnapshotMerge,
     SnapshotProgress,
     SnapshotSource,
     discard_staged,
 )
-from replicator.store import StoreSettings
 
 if TYPE_CHECKING:
-    from replicator.link import Link
+    from replicator.sync.link import Link
 
 __all__ = ["Resync"]
 

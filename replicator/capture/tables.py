@@ -18,9 +18,9 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
+from replicator.capture.hlc import TICK_SQL, tick_sql
+from replicator.capture.rows import key_sql, quote_identifier, quote_literal, row_json_sql
 from replicator.errors import SchemaError
-from replicator.hlc import TICK_SQL, tick_sql
-from replicator.rows import key_sql, quote_identifier, quote_literal, row_json_sql
 
 __all__ = [
     "MAX_CHANGE_BYTES",

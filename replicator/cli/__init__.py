@@ -1,0 +1,5 @@
+"""The `replicator` command."""
+
+from replicator.cli.commands import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""`replicator demo`: a local cluster started, written to and shown."""

@@ -1,0 +1,2 @@
+"""Durability: backups, validation and recovery at start, a disk that refuses writes, and the
+configuration history."""
