@@ -25,6 +25,7 @@ from protocol import Change, Skip
 from replicator.app_migrations import Migration, MigrationError, Migrations
 from replicator.apply.applier import Applier
 from replicator.capture.store import Store, StoreSettings
+from replicator.errors import ReplicationError
 from replicator.ops.metrics import NodeMetrics
 from replicator.state import (
     DDL,
@@ -732,6 +733,18 @@ def test_downgrade_undoes_newest_first_and_needs_every_down_step(
     assert columns == ["mac", "ip"]
     assert without_backfill.downgrade(conn, to=0) == [1]
     assert conn.execute("SELECT name FROM sqlite_schema WHERE name = 'leases'").fetchone() is None
+
+
+def test_an_application_catching_replication_error_catches_the_store_and_migrations(
+    tmp_path: Path, conn: sqlite3.Connection
+) -> None:
+    store = StateStore(tmp_path / "state.db")
+    store.close()
+    with pytest.raises(ReplicationError, match="closed"):
+        store.get("k")
+    leases_migrations().upgrade(conn)
+    with pytest.raises(ReplicationError, match="newer than the newest known here"):
+        Migrations(leases_migrations().steps[:1]).upgrade(conn)
 
 
 def test_a_database_migrated_further_than_known_is_refused(conn: sqlite3.Connection) -> None:

@@ -1,6 +1,9 @@
-"""What the state store raises: one root, so an application catches `StateStoreError` alone."""
+"""What the state store raises: one root, so an application catches `StateStoreError` alone
+(and, as everything replicator raises, `ReplicationError`)."""
 
 from __future__ import annotations
+
+from replicator.errors import ReplicationError
 
 __all__ = [
     "ReadOnlyReplicaError",
@@ -12,7 +15,7 @@ __all__ = [
 ]
 
 
-class StateStoreError(Exception):
+class StateStoreError(ReplicationError):
     """The store could not do what was asked (the database refused, the store is closed...)."""
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from replicator.capture.migrations import split_statements
 from replicator.capture.rows import quote_identifier
+from replicator.errors import ReplicationError
 
 __all__ = ["Migration", "MigrationError", "Migrations", "Step"]
 
@@ -37,7 +38,7 @@ Step = str | Callable[[sqlite3.Connection], None]
 the step's transaction (it must not commit)."""
 
 
-class MigrationError(Exception):
+class MigrationError(ReplicationError):
     """The migrations cannot run: a newer database, an unknown target, a step without
     ``down``, or a step that failed (rolled back)."""
 
