@@ -759,7 +759,7 @@ class Node:
 
     # -- operator view -----------------------------------------------------------------------
 
-    # -- for the operator API (replicator.ops.api) ------------------------------------------------
+    # -- for the operator API (replicator.ops.api) -------------------------------------------
 
     @property
     def apply_limiter(self) -> trio.CapacityLimiter:
