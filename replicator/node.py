@@ -79,6 +79,7 @@ from replicator.sync.membership import (
     fingerprint,
     shared_settings,
 )
+from replicator.sync.network import Listener, Network, TcpNetwork
 from replicator.sync.peer import PeerClosed, PeerConnection, PeerDisconnected, PeerSettings
 from replicator.sync.resync import Resync
 from replicator.sync.snapshot import SnapshotError
@@ -135,6 +136,10 @@ class NodeOptions:
     """The same, from one source address."""
     log_interval: float = 30.0
     """Repeated log lines of one kind (refused connections, failed dials) at most this often."""
+    network: Network = field(default_factory=TcpNetwork)
+    """Where the node listens and dials: TCP, or in-memory streams in a test."""
+    rng: random.Random = field(default_factory=random.Random)
+    """The jitter of redials, seeded where a run must replay."""
 
 
 def unbuilt_settings(config: Config) -> list[str]:
@@ -208,7 +213,7 @@ class Node:
         self.faults = Faults()
         self._throttle = Throttle(self.options.log_interval)
         self._handshakes: dict[int, _Handshake] = {}  # between accept and Hello, oldest first
-        self._listeners: list[trio.SocketListener] = []
+        self._listeners: list[Listener] = []
         self._pacer = WritePacer()
         self._log_changed = trio.Event()
         self._apply_limiter = trio.CapacityLimiter(1)
@@ -275,11 +280,11 @@ class Node:
                 with contextlib.suppress(OSError, trio.ClosedResourceError):
                     await trio.aclose_forcefully(listener)
 
-    async def _listen(self) -> list[trio.SocketListener]:
+    async def _listen(self) -> list[Listener]:
         replication = self.config.replication
         host, port = replication.listen_host, replication.listen_port
         try:
-            return await trio.open_tcp_listeners(port, host=host)
+            return await self.options.network.listen(host, port)
         except OSError as error:
             raise ConfigError(
                 f"{self.config.file}: replication.listen_addr: cannot listen on {host}:{port}: "
@@ -951,7 +956,7 @@ class Node:
 
     # -- connections -----------------------------------------------------------------------
 
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    async def _accept_loop(self, listener: Listener, nursery: trio.Nursery) -> None:
         """Accept peers until cancelled. Running out of descriptors never crashes: a
         connection that has said nothing for a while gives its descriptor up, or the loop
         waits (and says so, at a throttled rate)."""
@@ -970,8 +975,8 @@ class Node:
                 continue
             nursery.start_soon(self._accept, stream)
 
-    async def _accept(self, stream: trio.SocketStream) -> None:
-        label, source = _describe_remote(stream)
+    async def _accept(self, stream: trio.abc.Stream) -> None:
+        label, source = self.options.network.remote(stream)
         if not self._room_for(source):
             self.faults.count("handshake_limit")
             await trio.aclose_forcefully(stream)
@@ -1041,14 +1046,18 @@ class Node:
         assert self._peer_settings is not None
         while True:
             if peer_id in self.links:
-                await trio.sleep(self.options.backoff_max * random.uniform(0.5, 1))  # noqa: S311
+                await trio.sleep(self.options.backoff_max * self.options.rng.uniform(0.5, 1))
                 continue
             if self.persistence.degraded is not None:  # it would be refused: wait for room
                 await self.persistence.writable.wait()
             self.status[peer_id].state = "connecting"
             try:
                 connection = await PeerConnection.dial(
-                    peer.host, peer.port, self._peer_settings, use_previous_key=use_previous
+                    peer.host,
+                    peer.port,
+                    self._peer_settings,
+                    use_previous_key=use_previous,
+                    connect=self.options.network.connect,
                 )
             except PeerDisconnected as error:
                 self.status[peer_id].failed(error.message)
@@ -1061,7 +1070,7 @@ class Node:
                 if self._throttle.allow(("dial", peer_id)) is not None:
                     log.warning("cannot reach peer", address=peer.address, reason=error.message,
                                 attempts=failures, retry_in=round(delay, 2))  # fmt: skip
-                await trio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311
+                await trio.sleep(delay * self.options.rng.uniform(0.5, 1.5))
                 delay = min(delay * 2, self.options.backoff_max)
                 continue
             if failures:
@@ -1069,7 +1078,7 @@ class Node:
             delay, failures = self.options.backoff_initial, 0
             hello = await self._greet(connection, dialled=peer_id)
             if hello is None:  # refused: wait as after a failed dial
-                await trio.sleep(self.options.backoff_max * random.uniform(0.5, 1))  # noqa: S311
+                await trio.sleep(self.options.backoff_max * self.options.rng.uniform(0.5, 1))
                 continue
             await self._serve(connection, hello, initiator=self.node_id)
 
@@ -1509,15 +1518,6 @@ def _read_schema(path: str | None) -> str | None:
             return schema.read()
     except OSError as error:
         raise ConfigError(f"state.schema: cannot read {path}: {error.strerror}") from None
-
-
-def _describe_remote(stream: trio.SocketStream) -> tuple[str, str]:
-    """``host:port`` of the remote end, and the host alone (the source address)."""
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
-        return "unknown", "unknown"
-    return f"{host}:{port}", str(host)
 
 
 # SQLite result codes that mean the file itself is unusable (not a full disk, not a bad row,

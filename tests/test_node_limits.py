@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
 import socket
 import sqlite3
 import stat
@@ -23,14 +22,6 @@ from pathlib import Path
 import pytest
 
 from tests.node_procs import NodeProcess, wait_until
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[NodeProcess]]:
-    started: list[NodeProcess] = []
-    yield started
-    for node in started:
-        node.stop(signal.SIGKILL)
 
 
 def pair(tmp_path: Path, nodes: list[NodeProcess], **options: str) -> tuple[NodeProcess, ...]:

@@ -15,20 +15,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.node_procs import NodeProcess, wait_until
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[list[NodeProcess]]:
-    started: list[NodeProcess] = []
-    yield started
-    for node in started:
-        node.stop(signal.SIGKILL)
 
 
 def start_all(nodes: list[NodeProcess]) -> None:

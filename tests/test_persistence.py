@@ -23,14 +23,6 @@ INSERT = "INSERT INTO dhcp_leases (mac, ip, hostname, expires) VALUES (?, ?, ?, 
 BACKUPS = 'backup = { enabled = true, directory = "backups", interval = "1h" }'
 
 
-@pytest.fixture
-def nodes() -> Iterator[list[NodeProcess]]:
-    started: list[NodeProcess] = []
-    yield started
-    for node in started:
-        node.stop()
-
-
 def write(node: NodeProcess, prefix: str, count: int, subnet: int, hostname: str = "") -> set[str]:
     rows = [
         (f"{prefix}{i:05d}", f"10.{subnet}.{i >> 8 & 255}.{i & 255}", hostname or None, i)

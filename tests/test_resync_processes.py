@@ -7,23 +7,12 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.node_procs import NodeProcess, wait_until
 
 INSERT = "INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)"
 FAST_CHECKS = 'recovery = { checksum_interval = "1s" }'
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[NodeProcess]]:
-    started: list[NodeProcess] = []
-    yield started
-    for node in started:
-        node.stop()
 
 
 def leases(prefix: str, count: int, subnet: int) -> list[tuple[str, str, int]]:

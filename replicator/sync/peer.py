@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -105,12 +105,14 @@ class PeerConnection:
         *,
         use_previous_key: bool = False,
         clock: Callable[[], float] = trio.current_time,
+        connect: Callable[[str, int], Awaitable[trio.abc.Stream]] = trio.open_tcp_stream,
     ) -> PeerConnection:
-        """Connect and complete the handshake as initiator, within the handshake deadline."""
+        """Connect (through ``connect``: TCP unless a test says otherwise) and complete the
+        handshake as initiator, within the handshake deadline."""
         label = f"{host}:{port}"
         try:
             with trio.fail_after(settings.handshake_timeout):
-                stream = await trio.open_tcp_stream(host, port)
+                stream = await connect(host, port)
         except (OSError, trio.TooSlowError) as error:
             raise PeerDisconnected(f"cannot connect: {_describe(error)}", op="dial") from None
         loop_clock = _LoopClock(clock)
