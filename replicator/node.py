@@ -52,10 +52,11 @@ from replicator.apply.applier import Applier, ApplyResult
 from replicator.apply.resolvers import ManualResolver, Resolver, TimestampResolver, make_resolver
 from replicator.capture import dbcall, hlc
 from replicator.capture.detector import Detector
+from replicator.capture.log_reader import LogReader
 from replicator.capture.migrations import SCHEMA_VERSION
 from replicator.capture.pacing import WritePacer
 from replicator.capture.sqlite_errors import is_locked
-from replicator.capture.store import LogRecord, Store, StoreSettings
+from replicator.capture.store import Store, StoreSettings
 from replicator.config import Config
 from replicator.durability.backup import BackupStore
 from replicator.durability.history import record_config
@@ -89,8 +90,6 @@ __all__ = ["Node", "NodeOptions", "unbuilt_settings"]
 _log = get_logger("node")
 _T = TypeVar("_T")
 CAPABILITIES = frozenset({"changes", "skips", "resend"})
-# Batches up to this many entries are read and applied on the event loop (see `dbcall`).
-_INLINE_ENTRIES = 32
 _CHECKPOINTS_SHOWN = 10
 _CHECKPOINT_INTERVAL = 0.5
 _WAL_BOUND = 1 << 20  # bytes of WAL past which its space is given back
@@ -1190,7 +1189,7 @@ class Node:
             node_id=self.node_id,
             settings=self.options.link,
             outgoing=self._outgoing_filter(),
-            read_log=_LogReader(
+            read_log=LogReader(
                 self.store_settings,
                 Origin(hello.node_id, hello.incarnation),
                 self._log_end,
@@ -1361,7 +1360,7 @@ class Node:
         assert self._applier is not None
         conn = self._applier.store.conn
         # A commit that waits for the disk (synchronous FULL) is never made on the loop.
-        few = len(changes) + len(skips) <= _INLINE_ENTRIES and self._commit_is_quick
+        few = len(changes) + len(skips) <= dbcall.INLINE_ENTRIES and self._commit_is_quick
         while True:
             try:
                 return await dbcall.call(
@@ -1449,40 +1448,6 @@ class Node:
 
     def _last_vector(self) -> dict[Origin, int]:
         return dict(self._vector_cache)
-
-
-class _LogReader:
-    """A link's own connection for reading the log: a few entries on the event loop, more in
-    a worker thread."""
-
-    def __init__(
-        self, settings: StoreSettings, skip_origin: Origin, log_end: Callable[[], int]
-    ) -> None:
-        self._settings = settings
-        self._skip_origin = skip_origin
-        self._log_end = log_end
-        self._store: Store | None = None
-        self._limiter = trio.CapacityLimiter(1)
-
-    async def __call__(self, after: int, limit: int) -> tuple[list[LogRecord], int]:
-        conn = None if self._store is None else self._store.conn
-        few = self._log_end() - after <= _INLINE_ENTRIES
-        return await dbcall.call(
-            conn, self._limiter, functools.partial(self._read, after, limit), inline=few
-        )
-
-    def _read(self, after: int, limit: int, quick: bool = False) -> tuple[list[LogRecord], int]:
-        if self._store is None:
-            self._store = Store.open(self._settings, prepare=False)
-        store = self._store
-        store.conn.execute("BEGIN")
-        try:
-            end = store.log_position()
-            records = store.read_log(after, limit, skip_origin=self._skip_origin, through=end)
-        finally:
-            store.conn.execute("COMMIT")
-        # Fewer than asked for: every entry up to the end was looked at.
-        return records, (end if len(records) < limit else records[-1].position)
 
 
 def _wal_bytes(path: str) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from replicator.node import _LogReader
+from replicator.capture.log_reader import LogReader
 from tests.cluster_sim import Node
 from tests.test_retention import TIMESTAMP, write
 
@@ -15,7 +15,7 @@ async def test_entries_of_the_peer_itself_still_move_the_read_position(tmp_path:
     a.pull(b)  # a's log: ten entries of b's own, then one of a's
     write(a, "a1")
     end = a.store.log_position()
-    reader = _LogReader(a.store.settings, b.origin, a.store.log_position)
+    reader = LogReader(a.store.settings, b.origin, a.store.log_position)
     records, read_through = await reader(0, 100)
     assert [r.entry.origin for r in records] == [a.origin]
     assert read_through == end
@@ -26,6 +26,6 @@ async def test_entries_of_the_peer_itself_still_move_the_read_position(tmp_path:
     assert records == []
     assert read_through == a.store.log_position() == end + 10
     # A full batch: read through its last entry only.
-    records, read_through = await _LogReader(a.store.settings, a.origin, lambda: 0)(0, 4)
+    records, read_through = await LogReader(a.store.settings, a.origin, lambda: 0)(0, 4)
     assert len(records) == 4
     assert read_through == records[-1].position

@@ -18,7 +18,10 @@ import trio
 
 from replicator.capture.sqlite_errors import is_locked
 
-__all__ = ["WouldBlock", "call", "no_waiting"]
+__all__ = ["INLINE_ENTRIES", "WouldBlock", "call", "no_waiting"]
+
+# Log entries or changes few enough to read or apply on the event loop.
+INLINE_ENTRIES = 32
 
 _T = TypeVar("_T")
 
