@@ -1,6 +1,6 @@
 """An in-process cluster for replication tests: nodes are SQLite files, links are function calls.
 
-Each `Node` is what a real node holds: its own state database prepared by `Store.open`, an
+Each `SimNode` is what a real node holds: its own state database prepared by `Store.open`, an
 application connection writing the replicated tables with plain SQL (as an application would),
 and an `Applier` with the cluster's conflict strategy. `deliver` moves log entries from one
 node to another the way a peer stream would (a whole log, a slice, or any chosen records), and
@@ -27,8 +27,8 @@ __all__ = [
     "PRIMARY_KEYS",
     "SCHEMA",
     "TABLES",
-    "Node",
     "Recorded",
+    "SimNode",
     "deliver",
     "deliver_checked",
     "deliver_records",
@@ -78,7 +78,7 @@ class Recorded(NamedTuple):
     status: str
 
 
-class Node:
+class SimNode:
     """One node: its state database, an application connection and an applier."""
 
     def __init__(
@@ -96,20 +96,20 @@ class Node:
         self.applier = Applier(self.store, resolvers=resolvers, default_resolver=resolver)
 
     def __repr__(self) -> str:
-        return f"Node({self.name})"
+        return f"SimNode({self.name})"
 
     def close(self) -> None:
         self.app.close()
         self.store.close()
 
-    def clone(self, directory: Path | str, resolver: Resolver) -> Node:
+    def clone(self, directory: Path | str, resolver: Resolver) -> SimNode:
         """The same node (same file contents, same origin) in another directory."""
         target = sqlite3.connect(Path(directory) / f"{self.name}.db")
         try:
             self.store.conn.backup(target)
         finally:
             target.close()
-        return Node(directory, self.name, resolver, self.applier.resolvers)
+        return SimNode(directory, self.name, resolver, self.applier.resolvers)
 
     @property
     def origin(self) -> Origin:
@@ -207,17 +207,19 @@ class Node:
 
     # -- receiving -------------------------------------------------------------------------
 
-    def pull(self, source: Node) -> ApplyResult:
+    def pull(self, source: SimNode) -> ApplyResult:
         """Apply the source's whole log."""
         return deliver(source, self)
 
 
-def deliver(source: Node, target: Node, start: int = 0, stop: int | None = None) -> ApplyResult:
+def deliver(
+    source: SimNode, target: SimNode, start: int = 0, stop: int | None = None
+) -> ApplyResult:
     """``target`` applies ``source``'s log records ``[start:stop]`` (list indices) as one batch."""
     return deliver_records(target, source.log()[start:stop])
 
 
-def deliver_records(target: Node, records: Iterable[LogRecord]) -> ApplyResult:
+def deliver_records(target: SimNode, records: Iterable[LogRecord]) -> ApplyResult:
     """``target`` applies these records, in this order, as one batch."""
     entries = [record.entry for record in records]
     changes = [e for e in entries if isinstance(e, Change)]
@@ -226,8 +228,8 @@ def deliver_records(target: Node, records: Iterable[LogRecord]) -> ApplyResult:
 
 
 def sync_until_quiescent(
-    nodes: Sequence[Node],
-    links: Iterable[tuple[Node, Node]] | None = None,
+    nodes: Sequence[SimNode],
+    links: Iterable[tuple[SimNode, SimNode]] | None = None,
     max_rounds: int = 20,
 ) -> int:
     """Exchange whole logs along ``links`` (source, target; default: every ordered pair)
@@ -245,7 +247,7 @@ def sync_until_quiescent(
     raise AssertionError(f"no quiescence after {max_rounds} rounds")
 
 
-def deliver_checked(target: Node, records: Sequence[LogRecord]) -> ApplyResult:
+def deliver_checked(target: SimNode, records: Sequence[LogRecord]) -> ApplyResult:
     """`deliver_records`, checking the applier's admission against the version vector.
 
     Per origin, entries at or below the vector are duplicates and the next ones apply in

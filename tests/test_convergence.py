@@ -31,8 +31,8 @@ from tests.cluster_sim import (
     COLUMNS,
     PRIMARY_KEYS,
     TABLES,
-    Node,
     Recorded,
+    SimNode,
     deliver,
     deliver_checked,
     sync_until_quiescent,
@@ -144,10 +144,10 @@ def make_resolver(strategy: str, priorities: Sequence[int] = (3, 2, 1, 0)) -> Re
 
 
 @contextmanager
-def cluster(size: int, resolver: Resolver) -> Iterator[list[Node]]:
+def cluster(size: int, resolver: Resolver) -> Iterator[list[SimNode]]:
     """Fresh nodes in a fresh directory (hypothesis runs the test body many times)."""
     with tempfile.TemporaryDirectory() as directory:
-        nodes = [Node(directory, NAMES[i], resolver) for i in range(size)]
+        nodes = [SimNode(directory, NAMES[i], resolver) for i in range(size)]
         try:
             yield nodes
         finally:
@@ -159,7 +159,7 @@ def _where(table: str) -> str:
     return " AND ".join(f"{c} = ?" for c in PRIMARY_KEYS[table])
 
 
-def run_op(node: Node, op: tuple[Any, ...]) -> None:
+def run_op(node: SimNode, op: tuple[Any, ...]) -> None:
     table, kind, key, key2, values = op
     pk, columns = PRIMARY_KEYS[table], COLUMNS[table]
     others = columns[len(pk) :]
@@ -188,7 +188,7 @@ def run_op(node: Node, op: tuple[Any, ...]) -> None:
         node.execute(f"DELETE FROM {table}")
 
 
-def run_write(node: Node, mode: str, ops: Sequence[tuple[Any, ...]]) -> None:
+def run_write(node: SimNode, mode: str, ops: Sequence[tuple[Any, ...]]) -> None:
     if mode == "auto":
         for op in ops:
             run_op(node, op)
@@ -202,7 +202,7 @@ def run_write(node: Node, mode: str, ops: Sequence[tuple[Any, ...]]) -> None:
         assert node.state() == before, "a rolled-back transaction left a trace"
 
 
-def pick_records(node: Node, how: str, params: Sequence[int]) -> list[Any]:
+def pick_records(node: SimNode, how: str, params: Sequence[int]) -> list[Any]:
     log = node.log()
     if how == "all":
         return log
@@ -214,7 +214,7 @@ def pick_records(node: Node, how: str, params: Sequence[int]) -> list[Any]:
     return [log[i % len(log)] for i in params] if log else []
 
 
-def resolve_one(node: Node, pick: int, use: str) -> tuple[str, Recorded] | None:
+def resolve_one(node: SimNode, pick: int, use: str) -> tuple[str, Recorded] | None:
     """Resolve one of the node's open conflicts, as an operator would."""
     open_ids = node.open_conflicts()
     if not open_ids:
@@ -226,7 +226,7 @@ def resolve_one(node: Node, pick: int, use: str) -> tuple[str, Recorded] | None:
     return ident, recorded
 
 
-def run(nodes: Sequence[Node], program: Sequence[Step]) -> None:
+def run(nodes: Sequence[SimNode], program: Sequence[Step]) -> None:
     for step in program:
         if step[0] == "write":
             _, index, mode, ops = step
@@ -239,16 +239,16 @@ def run(nodes: Sequence[Node], program: Sequence[Step]) -> None:
             resolve_one(nodes[index], pick, use)
 
 
-NodeFactory = Callable[..., list[Node]]
+NodeFactory = Callable[..., list[SimNode]]
 
 
 @pytest.fixture
 def make_nodes(tmp_path: Path) -> Iterator[NodeFactory]:
     """``make_nodes(resolver, count=3)``: nodes n1.. in tmp_path, closed after the test."""
-    made: list[Node] = []
+    made: list[SimNode] = []
 
-    def factory(resolver: Resolver, count: int = 3) -> list[Node]:
-        nodes = [Node(tmp_path, NAMES[len(made) + i], resolver) for i in range(count)]
+    def factory(resolver: Resolver, count: int = 3) -> list[SimNode]:
+        nodes = [SimNode(tmp_path, NAMES[len(made) + i], resolver) for i in range(count)]
         made.extend(nodes)
         return nodes
 
@@ -260,11 +260,11 @@ def make_nodes(tmp_path: Path) -> Iterator[NodeFactory]:
 # -- what must hold --------------------------------------------------------------------------
 
 
-def key_of(node: Node, change: Change) -> tuple[str, str]:
+def key_of(node: SimNode, change: Change) -> tuple[str, str]:
     return change.table, node.store.key(change.pk)
 
 
-def all_changes(nodes: Sequence[Node]) -> dict[tuple[Origin, int], Change]:
+def all_changes(nodes: Sequence[SimNode]) -> dict[tuple[Origin, int], Change]:
     """Every change any node holds; a forwarded entry must equal its origin's, field for field."""
     found: dict[tuple[Origin, int], Change] = {}
     for node in nodes:
@@ -275,7 +275,7 @@ def all_changes(nodes: Sequence[Node]) -> dict[tuple[Origin, int], Change]:
     return found
 
 
-def assert_converged(nodes: Sequence[Node], resolver: Resolver) -> None:
+def assert_converged(nodes: Sequence[SimNode], resolver: Resolver) -> None:
     """Identical tables and versions everywhere, and each key holds the order's maximum of every
     version ever written to it (so the winner is the strategy's, not just an agreement)."""
     first = nodes[0]
@@ -305,7 +305,7 @@ def assert_converged(nodes: Sequence[Node], resolver: Resolver) -> None:
         assert live == sum(w.row is not None for w in winners.values())
 
 
-def assert_causal_successors_win(nodes: Sequence[Node], resolver: Resolver) -> None:
+def assert_causal_successors_win(nodes: Sequence[SimNode], resolver: Resolver) -> None:
     """A local write ranks above every version of its row its node held when it was made."""
     for node in nodes:
         held: dict[tuple[str, str], list[RowVersion]] = {}
@@ -317,7 +317,7 @@ def assert_causal_successors_win(nodes: Sequence[Node], resolver: Resolver) -> N
             held.setdefault(key, []).append(change.version)
 
 
-def assert_conflict_records_agree(nodes: Sequence[Node], resolver: Resolver) -> None:
+def assert_conflict_records_agree(nodes: Sequence[SimNode], resolver: Resolver) -> None:
     """A conflict id names one (table, key, pair of versions) on every node that holds it, each
     stored row is the row its version wrote, and the provisional winner is the order's."""
     rows = {c.version: c.row for c in all_changes(nodes).values()}
@@ -335,7 +335,7 @@ def assert_conflict_records_agree(nodes: Sequence[Node], resolver: Resolver) -> 
         assert len(seen) == 1, (ident, seen)
 
 
-def pasts(nodes: Sequence[Node]) -> dict[RowVersion, set[RowVersion]]:
+def pasts(nodes: Sequence[SimNode]) -> dict[RowVersion, set[RowVersion]]:
     """Per local write, the versions its node held before making it (what it knew)."""
     known: dict[RowVersion, set[RowVersion]] = {}
     for node in nodes:
@@ -449,7 +449,7 @@ def test_gap_is_reported_and_held_until_redelivered(make_nodes: NodeFactory) -> 
 # -- 3 and 4. conflict ids and resolutions ---------------------------------------------------
 
 
-def _concurrent_update(nodes: Sequence[Node]) -> tuple[RowVersion, RowVersion]:
+def _concurrent_update(nodes: Sequence[SimNode]) -> tuple[RowVersion, RowVersion]:
     """n1 creates a row everyone sees; n1 and n2 then update it concurrently; n3 receives n1's
     update, then n2's; n1 and n2 exchange theirs. All three detect the conflict."""
     n1, n2, n3 = nodes

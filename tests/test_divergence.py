@@ -7,11 +7,11 @@ from pathlib import Path
 
 from replicator.sync import divergence
 from replicator.sync.snapshot import SnapshotMerge, SnapshotSource
-from tests.cluster_sim import Node, sync_until_quiescent
+from tests.cluster_sim import SimNode, sync_until_quiescent
 from tests.test_snapshot import fill, nodes
 
 
-def checksums(node: Node) -> divergence.Checksums:
+def checksums(node: SimNode) -> divergence.Checksums:
     conn = node.store.conn
     conn.execute("BEGIN")
     try:
@@ -20,7 +20,7 @@ def checksums(node: Node) -> divergence.Checksums:
         conn.execute("COMMIT")
 
 
-def record_hashes(node: Node) -> None:
+def record_hashes(node: SimNode) -> None:
     position = 0
     while True:
         end, _ = divergence.fill_hashes(node.store.conn, position)
@@ -29,7 +29,7 @@ def record_hashes(node: Node) -> None:
         position = end
 
 
-def behind_replications_back(node: Node, sql: str) -> None:
+def behind_replications_back(node: SimNode, sql: str) -> None:
     """Write with capture bypassed, as if the triggers had been dropped by hand."""
     with node.app:
         node.app.execute("BEGIN")
@@ -38,7 +38,7 @@ def behind_replications_back(node: Node, sql: str) -> None:
         node.app.execute("DELETE FROM _repl_applying")
 
 
-def repair(source: Node, target: Node) -> SnapshotSource:
+def repair(source: SimNode, target: SimNode) -> SnapshotSource:
     """``target`` asks ``source`` for the buckets of ``leases`` that differ."""
     asked = {"leases": checksums(target).tables["leases"].bucket_bytes()}
     snapshot = SnapshotSource(source.store.settings, source.store.tables, 7, repair=asked)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from replicator.capture.log_reader import LogReader
-from tests.cluster_sim import Node
+from tests.cluster_sim import SimNode
 from tests.test_retention import TIMESTAMP, write
 
 
 async def test_entries_of_the_peer_itself_still_move_the_read_position(tmp_path: Path) -> None:
-    a, b = Node(tmp_path, "a", TIMESTAMP), Node(tmp_path, "b", TIMESTAMP)
+    a, b = SimNode(tmp_path, "a", TIMESTAMP), SimNode(tmp_path, "b", TIMESTAMP)
     write(b, *(f"b{i}" for i in range(10)))
     a.pull(b)  # a's log: ten entries of b's own, then one of a's
     write(a, "a1")

@@ -10,16 +10,16 @@ from protocol import Origin
 from replicator.apply.resolvers import PriorityResolver, TimestampResolver
 from replicator.capture import hlc
 from replicator.sync.retention import collect_tombstones, stable_bound, truncate_log
-from tests.cluster_sim import Node, deliver, sync_until_quiescent
+from tests.cluster_sim import SimNode, deliver, sync_until_quiescent
 
 TIMESTAMP = TimestampResolver()
 
 
-def log_seqs(node: Node, origin: Origin) -> list[int]:
+def log_seqs(node: SimNode, origin: Origin) -> list[int]:
     return node.logged_seqs(origin)
 
 
-def floor_row(node: Node, origin: Origin) -> tuple[int, int] | None:
+def floor_row(node: SimNode, origin: Origin) -> tuple[int, int] | None:
     found = node.store.conn.execute(
         "SELECT seq, stable_hlc FROM _repl_log_floor WHERE origin_node = ? AND origin_inc = ?",
         (origin.node_id, origin.incarnation),
@@ -27,7 +27,7 @@ def floor_row(node: Node, origin: Origin) -> tuple[int, int] | None:
     return None if found is None else (found[0], found[1])
 
 
-def tombstones(node: Node) -> list[str]:
+def tombstones(node: SimNode) -> list[str]:
     return [
         pk
         for (pk,) in node.store.conn.execute(
@@ -36,13 +36,13 @@ def tombstones(node: Node) -> list[str]:
     ]
 
 
-def write(node: Node, *macs: str) -> None:
+def write(node: SimNode, *macs: str) -> None:
     for mac in macs:
         node.execute("INSERT OR REPLACE INTO leases (mac, ip) VALUES (?, '10.0.0.1')", (mac,))
 
 
 def test_log_is_cut_up_to_the_first_entry_some_node_lacks(tmp_path: Path) -> None:
-    a = Node(tmp_path, "a", TIMESTAMP)
+    a = SimNode(tmp_path, "a", TIMESTAMP)
     write(a, "m1", "m2", "m3", "m4")
     floor = {a.origin: 2}
     result = truncate_log(a.store.conn, floor)
@@ -61,7 +61,7 @@ def test_log_is_cut_up_to_the_first_entry_some_node_lacks(tmp_path: Path) -> Non
 
 
 def test_an_origin_missing_from_the_floor_stops_the_cut(tmp_path: Path) -> None:
-    a, b = Node(tmp_path, "a", TIMESTAMP), Node(tmp_path, "b", TIMESTAMP)
+    a, b = SimNode(tmp_path, "a", TIMESTAMP), SimNode(tmp_path, "b", TIMESTAMP)
     write(a, "m1")
     write(b, "b1")
     deliver(b, a)  # a's log: a1, then b1, which not every node holds
@@ -75,7 +75,7 @@ def test_an_origin_missing_from_the_floor_stops_the_cut(tmp_path: Path) -> None:
 def test_retention_cuts_past_the_floor_and_says_how_much_some_node_lacked(
     tmp_path: Path,
 ) -> None:
-    a = Node(tmp_path, "a", TIMESTAMP)
+    a = SimNode(tmp_path, "a", TIMESTAMP)
     write(a, "m1", "m2", "m3")
     newest = max(r.entry.version.hlc for r in a.log())  # type: ignore[union-attr]
     result = truncate_log(a.store.conn, {a.origin: 1}, retention_hlc=newest)
@@ -93,7 +93,7 @@ def test_retention_cuts_past_the_floor_and_says_how_much_some_node_lacked(
 
 
 def test_no_bound_until_every_node_has_reported(tmp_path: Path) -> None:
-    a = Node(tmp_path, "a", TIMESTAMP)
+    a = SimNode(tmp_path, "a", TIMESTAMP)
     write(a, "m1")
     now = hlc.wall_clock_ms()
     reports = {"a": (now, a.vector()), "b": (0, {})}
@@ -101,7 +101,7 @@ def test_no_bound_until_every_node_has_reported(tmp_path: Path) -> None:
 
 
 def test_bound_trails_what_some_node_still_lacks(tmp_path: Path) -> None:
-    a, b = Node(tmp_path, "a", TIMESTAMP), Node(tmp_path, "b", TIMESTAMP)
+    a, b = SimNode(tmp_path, "a", TIMESTAMP), SimNode(tmp_path, "b", TIMESTAMP)
     write(a, "m1", "m2")
     deliver(a, b)
     now = hlc.wall_clock_ms()
@@ -120,7 +120,7 @@ def test_bound_trails_what_some_node_still_lacks(tmp_path: Path) -> None:
 
 
 def test_an_origin_this_node_never_saw_gives_no_bound(tmp_path: Path) -> None:
-    a, c = Node(tmp_path, "a", TIMESTAMP), Node(tmp_path, "c", TIMESTAMP)
+    a, c = SimNode(tmp_path, "a", TIMESTAMP), SimNode(tmp_path, "c", TIMESTAMP)
     write(c, "c1")
     now = hlc.wall_clock_ms()
     reports = {"a": (now, a.vector()), "c": (now, c.vector())}
@@ -128,7 +128,7 @@ def test_an_origin_this_node_never_saw_gives_no_bound(tmp_path: Path) -> None:
 
 
 def test_tombstones_go_below_the_bound_under_the_timestamp_order_only(tmp_path: Path) -> None:
-    a = Node(tmp_path, "a", TIMESTAMP)
+    a = SimNode(tmp_path, "a", TIMESTAMP)
     write(a, "old", "kept")
     a.execute("DELETE FROM leases WHERE mac = 'old'")
     a.execute("INSERT INTO kv (a, b, v) VALUES (1, 'x', 1)")
@@ -144,7 +144,7 @@ def test_tombstones_go_below_the_bound_under_the_timestamp_order_only(tmp_path: 
 
 
 def test_a_tombstone_newer_than_the_bound_survives(tmp_path: Path) -> None:
-    a = Node(tmp_path, "a", TIMESTAMP)
+    a = SimNode(tmp_path, "a", TIMESTAMP)
     write(a, "m1")
     a.execute("DELETE FROM leases")
     (stamp,) = a.store.conn.execute("SELECT hlc FROM _repl_rowmeta").fetchone()
@@ -155,7 +155,7 @@ def test_a_tombstone_newer_than_the_bound_survives(tmp_path: Path) -> None:
 def test_collecting_below_the_bound_changes_no_outcome(tmp_path: Path) -> None:
     """A write still in flight is stamped above the bound, so it beats the tombstone whether
     the tombstone is kept or collected: nodes that collected and nodes that did not agree."""
-    a, b, c = (Node(tmp_path, name, TIMESTAMP) for name in "abc")
+    a, b, c = (SimNode(tmp_path, name, TIMESTAMP) for name in "abc")
     write(a, "m1")
     sync_until_quiescent([a, b, c])
     a.execute("DELETE FROM leases")
@@ -174,7 +174,7 @@ def test_collecting_below_the_bound_changes_no_outcome(tmp_path: Path) -> None:
 
 def test_priority_tombstones_are_kept_by_the_collector_without_retention(tmp_path: Path) -> None:
     resolver = PriorityResolver(priorities={"a": 2, "b": 1})
-    a = Node(tmp_path, "a", resolver)
+    a = SimNode(tmp_path, "a", resolver)
     write(a, "m1")
     a.execute("DELETE FROM leases")
     assert collect_tombstones(a.store.conn, hlc.pack(hlc.wall_clock_ms() + 1000), None, []) == 0
@@ -182,7 +182,7 @@ def test_priority_tombstones_are_kept_by_the_collector_without_retention(tmp_pat
 
 
 def test_a_write_older_than_the_tombstone_still_in_flight_keeps_it(tmp_path: Path) -> None:
-    a, b, c = (Node(tmp_path, name, TIMESTAMP) for name in "abc")
+    a, b, c = (SimNode(tmp_path, name, TIMESTAMP) for name in "abc")
     write(a, "m1")
     sync_until_quiescent([a, b, c])
     c.execute("UPDATE leases SET ip = '10.9.9.9'")  # not yet delivered anywhere

@@ -11,27 +11,27 @@ import pytest
 from protocol import SnapshotChunk
 from replicator.sync import retention
 from replicator.sync.snapshot import SnapshotError, SnapshotMerge, SnapshotSource
-from tests.cluster_sim import Node, deliver, deliver_records, sync_until_quiescent
+from tests.cluster_sim import SimNode, deliver, deliver_records, sync_until_quiescent
 from tests.test_retention import TIMESTAMP, tombstones
 
 LEASE = "INSERT OR REPLACE INTO leases (mac, ip, expires) VALUES (?, ?, ?)"
 
 
-def nodes(tmp_path: Path, *names: str) -> list[Node]:
-    return [Node(tmp_path, name, TIMESTAMP) for name in names]
+def nodes(tmp_path: Path, *names: str) -> list[SimNode]:
+    return [SimNode(tmp_path, name, TIMESTAMP) for name in names]
 
 
-def fill(node: Node, count: int, prefix: str = "m", ip: str = "10.0.0.1") -> None:
+def fill(node: SimNode, count: int, prefix: str = "m", ip: str = "10.0.0.1") -> None:
     with node.app:
         node.app.execute("BEGIN")
         node.app.executemany(LEASE, [(f"{prefix}{i:05d}", ip, i) for i in range(count)])
 
 
-def open_source(node: Node, ident: int = 1) -> SnapshotSource:
+def open_source(node: SimNode, ident: int = 1) -> SnapshotSource:
     return SnapshotSource(node.store.settings, node.store.tables, ident)
 
 
-def transfer(source: Node, target: Node, *, tamper: bool = False) -> SnapshotSource:
+def transfer(source: SimNode, target: SimNode, *, tamper: bool = False) -> SnapshotSource:
     """Send a whole snapshot from ``source`` and merge it into ``target``."""
     snapshot = open_source(source)
     try:

@@ -62,7 +62,9 @@ Json = dict[str, Any]
 
 
 class Problem(Exception):
-    """What a command found wrong, with the exit code that tells a script what it was."""
+    """What a command found wrong, with the exit code that tells a script what it was (lag
+    over the threshold, conflicts pending): the command's answer, not a failure of the system,
+    so it stands outside `ReplicationError`."""
 
     def __init__(self, message: str, exit_code: int = EXIT_PROBLEM) -> None:
         super().__init__(message)

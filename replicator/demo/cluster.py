@@ -57,7 +57,7 @@ STOP_DEADLINE = 6.0  # seconds a child gets after SIGTERM before SIGKILL
 SOCKET_PATH_MAX = 100  # AF_UNIX paths are limited to 104-108 bytes
 
 
-class DemoError(Exception):
+class DemoError(ReplicationError):
     """The demo cannot go on (a node did not start, a step timed out): said, then cleaned up."""
 
 
@@ -196,7 +196,7 @@ def _hcl(text: str) -> str:
 
 
 @dataclass
-class Node:
+class DemoNode:
     number: int
     host: str
     directory: Path
@@ -241,7 +241,7 @@ class Node:
             return None
         return reply if isinstance(reply, dict) else None
 
-    def write_config(self, nodes: list[Node], key_file: Path, schema: Path) -> None:
+    def write_config(self, nodes: list[DemoNode], key_file: Path, schema: Path) -> None:
         peers = ",\n".join(
             f"    {{ id = {_hcl(p.id)}, address = {_hcl(f'{p.host}:{p.port}')} }}"
             for p in nodes
@@ -526,7 +526,9 @@ class Demo:
         self.pace = pace
         self.screen = Screen(out, pace.plain_every)
         self.children = Children(interrupts)
-        self.nodes = [Node(n, host, root / f"node{n}") for n, host in enumerate(_hosts(), start=1)]
+        self.nodes = [
+            DemoNode(n, host, root / f"node{n}") for n, host in enumerate(_hosts(), start=1)
+        ]
         self.started = time.monotonic()
         self.rates = _Rates()
         self.conflict_note = "not provoked"
@@ -553,7 +555,7 @@ class Demo:
         for node in self.nodes:
             node.write_config(self.nodes, key_file, schema)
 
-    def start_node(self, node: Node) -> None:
+    def start_node(self, node: DemoNode) -> None:
         node.process = self.children.start(
             [sys.executable, "-m", "replicator", "run", "-c", str(node.config), "--log-format",
              "json"],
@@ -561,7 +563,7 @@ class Demo:
             own_group=False,
         )  # fmt: skip
 
-    def start_writer(self, node: Node) -> None:
+    def start_writer(self, node: DemoNode) -> None:
         node.writer = self.children.start(
             [sys.executable, "-c",
              WRITER_CODE,
@@ -570,10 +572,10 @@ class Demo:
             own_group=True,
         )  # fmt: skip
 
-    def stop_writers(self, nodes: Sequence[Node]) -> None:
+    def stop_writers(self, nodes: Sequence[DemoNode]) -> None:
         self.children.stop([n.writer for n in nodes if n.writer is not None])
 
-    def check_alive(self, node: Node) -> None:
+    def check_alive(self, node: DemoNode) -> None:
         if node.process is not None and node.process.poll() is not None:
             log = (node.directory / "node.log").read_text(errors="replace").splitlines()
             tail = "\n".join("    " + line for line in log[-8:])
@@ -790,7 +792,7 @@ class Demo:
         )
         self.outage_note = f"{missed:,} changes missed, caught up {took:.1f} s after the restart"
 
-    def vector_of(self, node: Node) -> dict[str, int]:
+    def vector_of(self, node: DemoNode) -> dict[str, int]:
         status = node.status()
         return {} if status is None else _vector(status["version_vector"])
 
@@ -904,7 +906,7 @@ def run_demo(*, short: bool = False, directory: str | None = None, keep: bool = 
     except KeyboardInterrupt:
         print("\nInterrupted: stopping every node and application ...", file=out, flush=True)
         status = 130
-    except (DemoError, ReplicationError) as error:
+    except ReplicationError as error:  # DemoError among them
         print(f"\nreplicator demo failed: {error}", file=out, flush=True)
         status = 1
     finally:
