@@ -50,7 +50,7 @@ from protocol import (
 from replicator.apply import conflicts
 from replicator.apply.applier import Applier, ApplyResult
 from replicator.apply.resolvers import ManualResolver, Resolver, TimestampResolver, make_resolver
-from replicator.capture import dbcall, hlc
+from replicator.capture import dbcall, hlc, sqlite_errors, wal
 from replicator.capture.detector import Detector
 from replicator.capture.log_reader import LogReader
 from replicator.capture.migrations import SCHEMA_VERSION
@@ -62,7 +62,7 @@ from replicator.durability.backup import BackupStore
 from replicator.durability.history import record_config
 from replicator.durability.persistence import RESYNC_BACKUP, Persistence
 from replicator.durability.recovery import StateInUse, StateRefusesWrites, open_state
-from replicator.errors import ConfigError, ReplicationError, first_leaf
+from replicator.errors import ConfigError, first_leaf
 from replicator.log import KEY_PEER, Throttle, get_logger
 from replicator.ops.api import ControlApi
 from replicator.ops.control import serve_control
@@ -114,10 +114,6 @@ class _Handshake:
     started: float
     cancel: trio.CancelScope
     connection: PeerConnection
-
-
-class DatabaseFault(ReplicationError):
-    """The local state database is broken (corrupt, unreadable): the node cannot go on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -574,10 +570,12 @@ class Node:
         try:
             while True:
                 await trio.sleep(_CHECKPOINT_INTERVAL)
-                truncate = _wal_bytes(self.store_settings.path) > _WAL_BOUND
+                truncate = wal.size(self.store_settings.path) > _WAL_BOUND
                 if state.auto_save and time.monotonic() - saved_at >= state.save_interval:
                     truncate, saved_at = True, time.monotonic()  # auto_save: all in the file
-                await trio.to_thread.run_sync(functools.partial(_checkpoint, store.conn, truncate))
+                await trio.to_thread.run_sync(
+                    functools.partial(wal.checkpoint, store.conn, truncate)
+                )
         finally:
             store.close()
 
@@ -778,7 +776,7 @@ class Node:
         def read() -> None:
             self._vector_now()
             conn = self.applier_store().conn
-            self._counts = _read_counts(conn)
+            self._counts = conflicts.summary(conn)
             self._state_store = node_figures(conn, hlc.wall_clock_ms())
 
         await trio.to_thread.run_sync(read, limiter=self._apply_limiter)
@@ -851,7 +849,7 @@ class Node:
             store.set_read_only(self.role == "replica", promoted=self.promoted)
             self._vector_now()
             self.resync.refresh_floor()
-            self._counts = _read_counts(store.conn)
+            self._counts = conflicts.summary(store.conn)
             return store.log_position(), list_checkpoints(store.conn, _CHECKPOINTS_SHOWN)
 
         position, self._checkpoints = await trio.to_thread.run_sync(
@@ -1139,7 +1137,7 @@ class Node:
                 self.status[peer_id].failed(error.message)
                 log.warning("peer disconnected", reason=error.message)
         except Exception as error:
-            fault = _database_fault(error)
+            fault = sqlite_errors.unusable(error)
             if fault is not None:
                 raise fault from error
             leaf = first_leaf(error)
@@ -1309,7 +1307,7 @@ class Node:
             total.add(result)
             if final:
                 self._note_refused(total)
-                if self._wal and _wal_bytes(self.store_settings.path) > _WAL_BOUND:
+                if self._wal and wal.size(self.store_settings.path) > _WAL_BOUND:
                     await self._reset_wal()
                 return total, total.held
             start += size
@@ -1324,7 +1322,7 @@ class Node:
 
         def reset() -> None:
             with contextlib.suppress(sqlite3.OperationalError):  # refused: the pause handles it
-                _checkpoint(conn, truncate=True)
+                wal.checkpoint(conn, truncate=True)
 
         await trio.to_thread.run_sync(reset, limiter=self._apply_limiter)
 
@@ -1450,24 +1448,6 @@ class Node:
         return dict(self._vector_cache)
 
 
-def _wal_bytes(path: str) -> int:
-    try:
-        return os.path.getsize(f"{path}-wal")
-    except OSError:
-        return 0
-
-
-def _checkpoint(conn: sqlite3.Connection, truncate: bool) -> None:
-    """PASSIVE copies the WAL into the file without waiting for, or blocking, any writer.
-    TRUNCATE also empties the WAL file, holding the write lock while it does: it runs only
-    after a PASSIVE pass (little left to copy) and without waiting (busy: next time), so the
-    application's writers never wait on it for long."""
-    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-    if truncate:
-        with dbcall.no_waiting(conn):
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-
-
 def _role_of(hello: Hello) -> str:
     for capability in hello.capabilities:
         if capability.startswith("role:"):
@@ -1485,32 +1465,6 @@ def _read_schema(path: str | None) -> str | None:
         raise ConfigError(f"state.schema: cannot read {path}: {error.strerror}") from None
 
 
-# SQLite result codes that mean the file itself is unusable (not a full disk, not a bad row,
-# not a file that cannot be opened for want of descriptors just now).
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
-
-
-def _database_fault(error: BaseException) -> DatabaseFault | None:
-    """The fault that must stop the node, if ``error`` (or one inside it) is one."""
-    pending = [error]
-    while pending:
-        leaf = pending.pop()
-        if isinstance(leaf, BaseExceptionGroup):
-            pending.extend(leaf.exceptions)
-        elif isinstance(leaf, DatabaseFault):
-            return leaf
-        elif isinstance(leaf, sqlite3.DatabaseError) and (
-            getattr(leaf, "sqlite_errorcode", 0) & 0xFF
-        ) in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
-            return DatabaseFault(
-                f"the state database is unusable: {leaf}",
-                op="database",
-                hint="stop the node and restore it (replicator backup restore, or recovery at "
-                "start with state.recovery.auto_recover)",
-            )
-    return None
-
-
 def _raise_descriptor_limit() -> None:
     """Raise the soft limit on open files to the hard one: every peer, handshake and SQLite
     connection costs descriptors, and a flood of connections must not exhaust them."""
@@ -1522,17 +1476,3 @@ def _raise_descriptor_limit() -> None:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(target, wanted), hard))
             return
-
-
-def _read_counts(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Open conflicts, conflicts counted per table / strategy / kind, quarantined changes."""
-    (open_conflicts,) = conn.execute(
-        "SELECT count(*) FROM _repl_conflicts WHERE status = 'open'"
-    ).fetchone()
-    by_table: dict[str, dict[str, dict[str, int]]] = {}
-    for table, strategy, kind, count in conn.execute(
-        "SELECT tbl, strategy, kind, count FROM _repl_conflict_counts"
-    ):
-        by_table.setdefault(table, {}).setdefault(strategy, {})[kind] = count
-    (quarantined,) = conn.execute("SELECT count(*) FROM _repl_quarantine").fetchone()
-    return {"open": open_conflicts, "by_table": by_table, "quarantined": quarantined}

@@ -32,6 +32,7 @@ __all__ = [
     "list_conflicts",
     "record",
     "resolve",
+    "summary",
 ]
 
 
@@ -288,3 +289,17 @@ def _write(
         f" ON CONFLICT ({keys}) DO UPDATE SET {updates}",
         [row[c] for c in columns],
     )
+
+
+def summary(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Open conflicts, conflicts counted per table / strategy / kind, quarantined changes."""
+    (open_conflicts,) = conn.execute(
+        "SELECT count(*) FROM _repl_conflicts WHERE status = 'open'"
+    ).fetchone()
+    by_table: dict[str, dict[str, dict[str, int]]] = {}
+    for table, strategy, kind, count in conn.execute(
+        "SELECT tbl, strategy, kind, count FROM _repl_conflict_counts"
+    ):
+        by_table.setdefault(table, {}).setdefault(strategy, {})[kind] = count
+    (quarantined,) = conn.execute("SELECT count(*) FROM _repl_quarantine").fetchone()
+    return {"open": open_conflicts, "by_table": by_table, "quarantined": quarantined}

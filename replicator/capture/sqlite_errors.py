@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import sqlite3
 
-__all__ = ["is_locked", "refusal"]
+from replicator.errors import ReplicationError
+
+__all__ = ["DatabaseFault", "is_locked", "refusal", "unusable"]
 
 # SQLite's primary result codes for a disk that refuses writes, and for a lock held too long.
 _SQLITE_IOERR = 10
@@ -43,4 +45,34 @@ def refusal(error: BaseException) -> sqlite3.DatabaseError | None:
         if "disk is full" in text or "disk I/O error" in text:
             return current
         current = current.__cause__ or current.__context__
+    return None
+
+
+class DatabaseFault(ReplicationError):
+    """The local state database is broken (corrupt, unreadable): the node cannot go on."""
+
+
+# SQLite result codes that mean the file itself is unusable (not a full disk, not a bad row,
+# not a file that cannot be opened for want of descriptors just now).
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def unusable(error: BaseException) -> DatabaseFault | None:
+    """The fault that must stop the node, if ``error`` (or one inside it) is one."""
+    pending = [error]
+    while pending:
+        leaf = pending.pop()
+        if isinstance(leaf, BaseExceptionGroup):
+            pending.extend(leaf.exceptions)
+        elif isinstance(leaf, DatabaseFault):
+            return leaf
+        elif isinstance(leaf, sqlite3.DatabaseError) and (
+            getattr(leaf, "sqlite_errorcode", 0) & 0xFF
+        ) in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            return DatabaseFault(
+                f"the state database is unusable: {leaf}",
+                op="database",
+                hint="stop the node and restore it (replicator backup restore, or recovery at "
+                "start with state.recovery.auto_recover)",
+            )
     return None
