@@ -1,5 +1,5 @@
 """`python -m replicator` runs the `replicator` command."""
 
-from replicator.cli.commands import main
+from replicator.cli import main
 
 main()

@@ -25,7 +25,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from replicator.cli import render as fmt
-from replicator.cli.commands import (
+from replicator.cli.app import (
     EXIT_NODE_ERROR,
     EXIT_OK,
     EXIT_PROBLEM,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from replicator.cli.commands import main
+from replicator.cli import main
 from tests.node_procs import NodeProcess, wait_until
 
 INSERT = "INSERT INTO dhcp_leases (mac, ip, hostname, expires) VALUES (?, ?, ?, ?)"
