@@ -57,11 +57,17 @@ from replicator.capture.migrations import SCHEMA_VERSION
 from replicator.capture.pacing import WritePacer
 from replicator.capture.sqlite_errors import is_locked
 from replicator.capture.store import Store, StoreSettings
+from replicator.capture.tables import TableInfo
 from replicator.config import Config
 from replicator.durability.backup import BackupStore
 from replicator.durability.history import record_config
 from replicator.durability.persistence import RESYNC_BACKUP, Persistence
-from replicator.durability.recovery import StateInUse, StateRefusesWrites, open_state
+from replicator.durability.recovery import (
+    StateInUse,
+    StateRefusesWrites,
+    open_state,
+    refuse_if_in_use,
+)
 from replicator.errors import ConfigError, first_leaf
 from replicator.log import KEY_PEER, Throttle, get_logger
 from replicator.ops.api import ControlApi
@@ -387,12 +393,8 @@ class Node:
             if self._applier is not None:
                 self._applier.store.close()
                 self._applier = None
-            if not is_locked(error):
-                raise
-            raise StateInUse(
-                f"{self.store_settings.path}: another connection holds its write lock ({error})",
-                op="start",
-            ) from error
+            refuse_if_in_use(self.store_settings.path, error)
+            raise
         return store
 
     def _set_up(self, store: Store) -> None:
@@ -438,10 +440,16 @@ class Node:
             f"{replication.cluster_id}\x00{passphrase}".encode(),
             self.config.file,
         )
-        self._settings = shared_settings(replication, store.tables, self.row_filter.describe())
+        self._settings = self._offered_settings(store.tables)
         self.resync.refresh_floor()
         self.resync.clear_staging()
         self._checkpoints = list_checkpoints(store.conn, _CHECKPOINTS_SHOWN)
+
+    def _offered_settings(self, tables: Mapping[str, TableInfo]) -> dict[str, str]:
+        """What this node offers at Hello for peers to compare: the shared configuration and
+        the replicated tables' current shapes."""
+        filters = None if self.row_filter is None else self.row_filter.describe()
+        return shared_settings(self.config.replication, tables, filters)
 
     def _peer_settings_from_config(self) -> PeerSettings:
         """Stretch the passphrases once (Argon2id is slow on purpose)."""
@@ -470,11 +478,7 @@ class Node:
                 # An ALTER TABLE: the next Hello offers the new columns, so a peer that has
                 # migrated too is taken back without a restart of this node.
                 shape_changes = detector.shape_changes
-                self._settings = shared_settings(
-                    self.config.replication,
-                    detector.tables,
-                    None if self.row_filter is None else self.row_filter.describe(),
-                )
+                self._settings = self._offered_settings(detector.tables)
             if moved is not None:
                 self._announce_log_change()
                 if len(self.links) < len(self.peers):  # lag of a peer that is down starts now

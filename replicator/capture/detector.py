@@ -14,7 +14,7 @@ version move, regenerates the triggers, and recaptures the rows written in betwe
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import trio
@@ -51,9 +51,8 @@ class Detector:
         self._pending = True  # read once at start: entries may be waiting already
         self._recapturing = False
         self._limiter = trio.CapacityLimiter(1)
-        # The replicated tables' shapes as the triggers last matched them, and a count of the
-        # times they changed: peers compare shapes at Hello, so the node re-reads them.
-        self.tables: dict[str, TableInfo] = {}
+        # How often the replicated tables changed shape: peers compare shapes at Hello, so
+        # the node reads `tables` again when this moves.
         self.shape_changes = 0
 
     def poll(self) -> list[LogRecord]:
@@ -86,6 +85,11 @@ class Detector:
     @property
     def conn(self) -> sqlite3.Connection | None:
         return None if self._store is None else self._store.conn
+
+    @property
+    def tables(self) -> Mapping[str, TableInfo]:
+        """The replicated tables' shapes as the triggers last matched them."""
+        return {} if self._store is None else self._store.tables
 
     def _read_if_moved(
         self, read: Callable[[Store], _T], *, even_if_unmoved: bool, quick: bool = False
@@ -131,7 +135,6 @@ class Detector:
 
     def _refresh_triggers(self, store: Store, recapture_after: int) -> None:
         changed, self._schema_version = store.refresh_triggers(recapture_after=recapture_after)
-        self.tables = dict(store.tables)
         if changed:
             self.shape_changes += 1
             _log.info("replicated tables changed shape; capture triggers regenerated",

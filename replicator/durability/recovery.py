@@ -33,6 +33,7 @@ __all__ = [
     "StateInUse",
     "StateRefusesWrites",
     "open_state",
+    "refuse_if_in_use",
     "restore_backup",
     "validate_state",
 ]
@@ -155,7 +156,7 @@ def _open_and_validate(
         store = Store.open(settings)
     except sqlite3.DatabaseError as error:  # not a database, malformed schema pages...
         _refuses_writes(settings.path, error)
-        _in_use(settings.path, error)
+        refuse_if_in_use(settings.path, error)
         return f"cannot open: {error}", None, None
     if not validate:
         return None, store, None
@@ -164,7 +165,7 @@ def _open_and_validate(
     except sqlite3.DatabaseError as error:
         store.close()
         _refuses_writes(settings.path, error)
-        _in_use(settings.path, error)
+        refuse_if_in_use(settings.path, error)
         return f"validation stopped: {error}", None, None
     if validation["ok"]:
         _log.info("state database validated", seconds=validation["seconds"])
@@ -186,7 +187,7 @@ def _refuses_writes(path: str, error: sqlite3.DatabaseError) -> None:
         ) from error
 
 
-def _in_use(path: str, error: sqlite3.DatabaseError) -> None:
+def refuse_if_in_use(path: str, error: sqlite3.DatabaseError) -> None:
     """A file whose lock the application holds (a long migration, a bulk import) is busy, not
     damaged: taking it for damage would copy it aside and empty it under the application."""
     if is_locked(error):
