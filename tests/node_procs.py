@@ -221,15 +221,25 @@ replication {{
         ]
 
     def count(self, table: str) -> int:
-        conn = sqlite3.connect(self.db_path, timeout=10)
-        try:
-            return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-        finally:
-            conn.close()
+        return int(self._query(f"SELECT count(*) FROM {table}")[0][0])
 
     def rows(self, table: str) -> list[tuple[Any, ...]]:
+        return self._query(f"SELECT * FROM {table} ORDER BY 1, 2, 3")
+
+    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` on the node's file. A node still starting may not have created its
+        tables yet: then it is waited for (once it has started, a missing table is an error)."""
+        try:
+            return self._read(sql)
+        except sqlite3.OperationalError as error:
+            if "no such table" not in str(error) or self.logged("node started"):
+                raise
+        wait_until(lambda: bool(self.logged("node started")), what=f"{self.node_id} to start")
+        return self._read(sql)
+
+    def _read(self, sql: str) -> list[tuple[Any, ...]]:
         conn = sqlite3.connect(self.db_path, timeout=10)
         try:
-            return conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3").fetchall()
+            return conn.execute(sql).fetchall()
         finally:
             conn.close()
