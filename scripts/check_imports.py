@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # From the ground up; a module may import its own floor or any below it.
 FLOORS: list[tuple[str, ...]] = [
     ("protocol",),
-    ("replicator", "replicator.log", "replicator.errors", "replicator.config"),
+    ("replicator", "replicator.log", "replicator.errors", "replicator.config", "replicator.clock"),
     ("replicator.capture",),
     ("replicator.state", "replicator.app_migrations"),
     ("replicator.apply",),

@@ -19,7 +19,6 @@ this node shows a peer what it holds before sending it markers beyond what it sh
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from protocol.codec import DEFAULT_MAX_ELEMENTS
 from replicator.apply.applier import ApplyResult
 from replicator.capture import hlc
 from replicator.capture.store import LogRecord
+from replicator.clock import Clock, SystemClock
 from replicator.errors import first_leaf
 from replicator.log import KEY_PEER, get_logger
 from replicator.sync.faults import Faults
@@ -98,8 +98,8 @@ class PeerStatus:
     last_error: str | None = None
     last_error_at: float | None = None
 
-    def failed(self, error: str) -> None:
-        self.last_error, self.last_error_at = error, time.time()
+    def failed(self, error: str, at: float) -> None:
+        self.last_error, self.last_error_at = error, at
 
 
 @dataclass(slots=True)
@@ -176,8 +176,10 @@ class Link:
         outgoing: Callable[[Change], Change | None] | None = None,
         alarms: MutableMapping[str, str] | None = None,
         faults: Faults | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.connection = connection
+        self._clock: Clock = clock or SystemClock()
         self.peer = hello.node_id
         self.status = status
         self.node_id = node_id
@@ -227,12 +229,12 @@ class Link:
         self._window_open.set()
         self._rewind = False
         self._sequence = 0
-        self.started_at = time.monotonic()
+        self.started_at = self._clock.monotonic()
 
     async def run(self) -> None:
         """Until the connection ends; raises `PeerDisconnected` with the reason."""
         self.status.state = "connected"
-        self.status.last_contact = time.time()
+        self.status.last_contact = self._clock.time()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_loop)
@@ -268,12 +270,12 @@ class Link:
         """How long the oldest batch the peer is not known to hold has been waiting."""
         if not self._in_flight:
             return 0.0
-        return time.monotonic() - self._in_flight[0].sent_at
+        return self._clock.monotonic() - self._in_flight[0].sent_at
 
     def heard_within(self, seconds: float) -> bool:
         """The peer said something (a heartbeat at least) in the last ``seconds``."""
         last = self.status.last_contact
-        return last is not None and time.time() - last <= seconds
+        return last is not None and self._clock.time() - last <= seconds
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -428,7 +430,7 @@ class Link:
         batch = Changes(
             node_id=self.node_id,
             sequence=self._sequence,
-            timestamp=hlc.pack(hlc.wall_clock_ms()),
+            timestamp=hlc.pack(self._clock.wall_ms()),
             changes=tuple(changes),
             skips=tuple(skips),
         )
@@ -438,7 +440,7 @@ class Link:
         for skip in skips:
             carries[skip.origin] = max(carries.get(skip.origin, 0), skip.last_seq)
         # In flight before the send: the peer's ack may be read before the send returns.
-        flight = _InFlight(self._sequence, position, time.monotonic(), carries)
+        flight = _InFlight(self._sequence, position, self._clock.monotonic(), carries)
         self._in_flight.append(flight)
         try:
             await self.connection.send(batch, large=large)
@@ -466,7 +468,7 @@ class Link:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            now, vector = hlc.wall_clock_ms(), self._vector()
+            now, vector = self._clock.wall_ms(), self._vector()
             # The cached vector may be older than what was just sent: never report less.
             _merge(vector, self._shown_to_peer)
             at, checksums = self._snapshots.local_checksums()
@@ -488,7 +490,7 @@ class Link:
                     op="receive",
                     peer=self.peer,
                 )
-            self.status.last_contact = time.time()
+            self.status.last_contact = self._clock.time()
             self.status.bytes_in = self.connection.bytes_received
             self.status.bytes_out = self.connection.bytes_sent
             if isinstance(message, Goodbye):
@@ -581,10 +583,10 @@ class Link:
         self._peer_holds(ack.version_vector)
 
     async def _on_heartbeat(self, message: Heartbeat) -> None:
-        self.status.skew_ms = message.wall_time_ms - hlc.wall_clock_ms()
+        self.status.skew_ms = message.wall_time_ms - self._clock.wall_ms()
         self._peer_holds(message.version_vector)
-        self._watch_own_origin(message.version_vector, time.monotonic())
-        refused = self._cluster.merge(message.known, hlc.wall_clock_ms())
+        self._watch_own_origin(message.version_vector, self._clock.monotonic())
+        refused = self._cluster.merge(message.known, self._clock.wall_ms())
         if refused:
             self._faults.count("cluster_view", refused)
         if message.table_checksums:

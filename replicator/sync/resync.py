@@ -8,7 +8,6 @@ raises or clears the alarms.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -18,6 +17,7 @@ from protocol import Origin, SnapshotBegin, SnapshotChunk, SnapshotEnd
 from replicator.apply.applier import Applier
 from replicator.capture.pacing import WritePacer
 from replicator.capture.store import StoreSettings
+from replicator.clock import Clock, SystemClock
 from replicator.config import ResyncConfig
 from replicator.log import KEY_PEER, get_logger
 from replicator.sync.divergence import Checksums
@@ -53,8 +53,12 @@ class Resync:
         view: Callable[[], RowFilter | None] = lambda: None,
         before_full_merge: Callable[[str], Awaitable[None]] | None = None,
         pacer: WritePacer | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._pacer = pacer
+        self._clock: Clock = clock or SystemClock()
+        self._rng = rng or random.Random()  # noqa: S311 (snapshot ids, not secrets)
         self.settings = settings
         self.recovery = recovery
         self._applier = applier
@@ -113,7 +117,7 @@ class Resync:
         source = SnapshotSource(
             self.settings,
             self._applier().store.tables,
-            random.getrandbits(62),
+            self._rng.getrandbits(62),
             repair,
             self._view(),
             known=self.checksums if repair else None,
@@ -137,7 +141,7 @@ class Resync:
                 await trio.to_thread.run_sync(source.close)
         progress.finish()
         if not repair:
-            self._sent_at[peer] = time.time()
+            self._sent_at[peer] = self._clock.time()
         _log.info("snapshot sent", rows=progress.rows, seconds=progress.as_dict()["seconds"],
                   **{KEY_PEER: peer})  # fmt: skip
         return source.log_position, dict(source.vector)
@@ -258,7 +262,7 @@ class Resync:
         self.divergent[peer] = differing
         if not differing:
             return
-        now = time.monotonic()
+        now = self._clock.monotonic()
         due = [t for t in differing if self._asked.get((peer, t), -1e9) + self._cooldown <= now]
         link = self._links.get(peer)
         if not due or link is None:
@@ -283,7 +287,7 @@ class Resync:
         if mine is None or not self._links:
             return
         peer = sorted(self._links)[0]
-        now = time.monotonic()
+        now = self._clock.monotonic()
         # One request per cooldown: a repair under way is not asked for again each pass.
         tables = [t for t in tables if self._asked.get((peer, t), -1e9) + self._cooldown <= now]
         if not tables:
