@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.node_procs import NodeProcess, wait_until  # noqa: E402
+from replicator.harness import NodeProcess, wait_until  # noqa: E402
 
 
 def app_writer(path: str, rate: float, seconds: float, prefix: str, out: Any) -> None:

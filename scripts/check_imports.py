@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLOORS: list[tuple[str, ...]] = [
     ("protocol",),
     ("replicator", "replicator.log", "replicator.errors", "replicator.config", "replicator.clock"),
+    ("replicator.harness",),
     ("replicator.capture",),
     ("replicator.state", "replicator.app_migrations"),
     ("replicator.apply",),

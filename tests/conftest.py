@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.node_procs import NodeProcess
+from replicator.harness import NodeProcess
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from replicator.cli.app import (
     main,
 )
 from replicator.config import Config, load_config
-from replicator.demo.cluster import run_demo
+from replicator.demo import run_demo
 from replicator.errors import ReplicationError, first_leaf
 from replicator.log import configure, get_logger
 from replicator.node import Node
