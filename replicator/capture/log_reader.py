@@ -32,10 +32,12 @@ class LogReader:
         conn = None if self._store is None else self._store.conn
         few = self._log_end() - after <= dbcall.INLINE_ENTRIES
         return await dbcall.call(
-            conn, self._limiter, functools.partial(self._read, after, limit), inline=few
+            conn, self._limiter, functools.partial(self.read, after, limit), inline=few
         )
 
-    def _read(self, after: int, limit: int, quick: bool = False) -> tuple[list[LogRecord], int]:
+    def read(self, after: int, limit: int, quick: bool = False) -> tuple[list[LogRecord], int]:
+        """Blocking: up to ``limit`` entries after ``after`` (the peer's own skipped), and the
+        position read through."""
         if self._store is None:
             self._store = Store.open(self._settings, prepare=False)
         store = self._store
@@ -47,3 +49,8 @@ class LogReader:
             store.conn.execute("COMMIT")
         # Fewer than asked for: every entry up to the end was looked at.
         return records, (end if len(records) < limit else records[-1].position)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None

@@ -268,7 +268,7 @@ class Node:
             self._peer_settings_from_config
         )
         self.origin = store.origin
-        detector = Detector(self.store_settings, after=0, batch_size=self.options.link.batch_size)
+        detector = Detector(self.store_settings)
         detector.position = await trio.to_thread.run_sync(store.log_position)
         replication = self.config.replication
         recovery = replication.recovery

@@ -2,7 +2,7 @@
 
 A node listens, dials and names the far end of a connection only through a `Network`, so a
 test can run several real nodes in one trio process over in-memory streams (see
-`tests/memory_network.py`) and a simulation can drop, delay or cut what they say.
+`tests/support/memory_network.py`) and a simulation can drop, delay or cut what they say.
 """
 
 from __future__ import annotations

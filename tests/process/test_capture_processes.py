@@ -37,6 +37,7 @@ from protocol import Change, Op, Origin, RowVersion, Skip
 from replicator.apply.applier import Applier
 from replicator.capture import hlc
 from replicator.capture.detector import Detector
+from replicator.capture.log_reader import LogReader
 from replicator.capture.store import LogRecord, Store, StoreSettings
 from tests.support.proc_helpers import BIG_ORIGIN, SCHEMA, TABLES, app_connect, big_batch
 
@@ -137,26 +138,50 @@ async def run_helper(*args: object) -> subprocess.CompletedProcess[bytes]:
     return done
 
 
-class Tail:
-    """Runs `Detector.batches` (the detector's trio loop) and keeps every batch it sends, with
-    arrival times."""
+NO_PEER = Origin("no-peer", 0)  # the reader skips nobody's changes
 
-    def __init__(self, settings: StoreSettings, **options: Any) -> None:
-        self.detector = Detector(settings, **options)
+
+class Tail:
+    """The node's outgoing path, as a link runs it: the detector signals that the log moved,
+    a `LogReader` reads from where it left off (nothing skipped: no peer origin here). Keeps
+    every batch read, with arrival times."""
+
+    def __init__(self, settings: StoreSettings, batch_size: int = 1000) -> None:
+        self.detector = Detector(settings)
+        self.reader = LogReader(settings, NO_PEER, lambda: self.detector.position)
+        self.batch_size = batch_size
+        self.after = 0
         self.batches: list[list[LogRecord]] = []
         self.arrived: list[tuple[float, LogRecord]] = []
         self.updated = trio.Event()
 
     async def run(self, nursery: trio.Nursery) -> None:
-        send, receive = trio.open_memory_channel[list[LogRecord]](0)
-        nursery.start_soon(self.detector.batches, send)
-        async with receive:
-            async for batch in receive:
+        while True:
+            await trio.to_thread.run_sync(self.detector.poll_position)
+            while True:
+                batch, self.after = await self.reader(self.after, self.batch_size)
+                if not batch:
+                    break
                 now = time.monotonic()
                 self.batches.append(batch)
                 self.arrived.extend((now, record) for record in batch)
                 self.updated.set()
                 self.updated = trio.Event()
+            await trio.sleep(self.detector.poll_interval)
+
+    def read_until_quiet(self, polls: int = 5) -> list[list[LogRecord]]:
+        """Blocking: look and read ``polls`` times, as the node's loop would."""
+        found = []
+        for _ in range(polls):
+            self.detector.poll_position()
+            batch, self.after = self.reader.read(self.after, self.batch_size)
+            if batch:
+                found.append(batch)
+        return found
+
+    def close(self) -> None:
+        self.detector.close()
+        self.reader.close()
 
     @property
     def records(self) -> list[LogRecord]:
@@ -225,7 +250,7 @@ async def test_writes_from_other_processes_are_captured_once_each_in_commit_orde
                     writers.start_soon(run_helper, "workload", path, writer, steps, seed, journal)
             await tail.drain(path)
             nursery.cancel_scope.cancel()
-    tail.detector.close()
+    tail.close()
 
     records = tail.records
     changes, skips = split(records)
@@ -278,7 +303,7 @@ async def test_detector_notices_a_commit_from_another_process_within_a_second(
             done = await run_helper("probe", path, count, 0.03)
             await tail.drain(path)
             nursery.cancel_scope.cancel()
-    tail.detector.close()
+    tail.close()
 
     started = {}
     for line in done.stdout.decode().split("\n"):
@@ -757,7 +782,7 @@ async def test_add_column_while_the_detector_runs_loses_no_value_of_the_new_colu
                 writers.start_soon(run_helper, "workload", path, "w2", 400, 4, tmp_path / "j")
             await tail.drain(path)
             nursery.cancel_scope.cancel()
-    tail.detector.close()
+    tail.close()
 
     source = sqlite3.connect(path)
     (columns,) = source.execute(
@@ -792,10 +817,6 @@ async def test_add_column_while_the_detector_runs_loses_no_value_of_the_new_colu
 # application, called from inside a wrapped `Store` method at the moment that matters.
 
 
-def poll_until_quiet(detector: Detector, polls: int = 5) -> list[list[LogRecord]]:
-    return [batch for batch in (detector.poll() for _ in range(polls)) if batch]
-
-
 def assert_replica_matches(tmp_path: Path, batches: list[list[LogRecord]], app, schema) -> None:
     replica = open_node(tmp_path, "replica", schema=schema)
     replay(batches, replica)
@@ -811,8 +832,8 @@ def test_add_column_committed_during_the_detector_poll_is_recaptured(tmp_path, m
     node.close()
     settings = node_settings(tmp_path / "w.db", "w")
     app = app_connect(settings.path)
-    detector = Detector(settings)
-    records = poll_until_quiet(detector)
+    tail = Tail(settings)
+    records = tail.read_until_quiet()
     original = Store.schema_version
     armed = [False]
 
@@ -827,11 +848,11 @@ def test_add_column_committed_during_the_detector_poll_is_recaptured(tmp_path, m
     monkeypatch.setattr(Store, "schema_version", schema_version)
     app.execute("INSERT INTO leases (mac, ip) VALUES ('k1', 'before')")
     armed[0] = True
-    records += poll_until_quiet(detector)
+    records += tail.read_until_quiet()
     assert not armed[0], "the race was not staged"
     app.execute("INSERT INTO leases (mac, ip, vlan) VALUES ('k3', 'after', 43)")
-    records += poll_until_quiet(detector)
-    detector.close()
+    records += tail.read_until_quiet()
+    tail.close()
     assert_replica_matches(tmp_path, records, app, ALTERED_SCHEMA)
     app.close()
 
@@ -843,8 +864,8 @@ def test_second_add_column_right_after_trigger_refresh_is_noticed(tmp_path, monk
     node.close()
     settings = node_settings(tmp_path / "w.db", "w")
     app = app_connect(settings.path)
-    detector = Detector(settings)
-    records = poll_until_quiet(detector)
+    tail = Tail(settings)
+    records = tail.read_until_quiet()
     original = Store.refresh_triggers
     armed = [True]
 
@@ -857,11 +878,11 @@ def test_second_add_column_right_after_trigger_refresh_is_noticed(tmp_path, monk
 
     monkeypatch.setattr(Store, "refresh_triggers", refresh_triggers)
     app.execute("ALTER TABLE leases ADD COLUMN vlan INTEGER DEFAULT 7")
-    records += poll_until_quiet(detector)
+    records += tail.read_until_quiet()
     assert not armed[0], "the race was not staged"
     app.execute("INSERT INTO leases (mac, ip, vlan, zone) VALUES ('k1', 'x', 42, 'dmz')")
-    records += poll_until_quiet(detector)
-    detector.close()
+    records += tail.read_until_quiet()
+    tail.close()
     both = ALTERED_SCHEMA.replace("DEFAULT 7)", "DEFAULT 7, zone TEXT)")
     assert_replica_matches(tmp_path, records, app, both)
     app.close()
@@ -875,11 +896,11 @@ def test_add_column_before_the_detector_first_polls_is_noticed(tmp_path):
     settings = node_settings(tmp_path / "w.db", "w")
     app = app_connect(settings.path)
     app.execute("ALTER TABLE leases ADD COLUMN vlan INTEGER DEFAULT 7")
-    detector = Detector(settings)
-    records = poll_until_quiet(detector)
+    tail = Tail(settings)
+    records = tail.read_until_quiet()
     app.execute("INSERT INTO leases (mac, ip, vlan) VALUES ('k1', 'x', 42)")
-    records += poll_until_quiet(detector)
-    detector.close()
+    records += tail.read_until_quiet()
+    tail.close()
     assert_replica_matches(tmp_path, records, app, ALTERED_SCHEMA)
     app.close()
 
