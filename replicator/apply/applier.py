@@ -33,13 +33,26 @@ from typing import Any
 
 from protocol import Change, Op, Origin, RowVersion, Skip
 from protocol.checks import SqlValue
-from replicator.apply import conflicts
+from replicator.apply import conflicts, quarantine
 from replicator.apply.resolvers import Resolver, TimestampResolver
 from replicator.capture import hlc
 from replicator.capture.rows import encode_row, key_sql, quote_identifier
 from replicator.capture.sqlite_errors import is_locked, refusal
-from replicator.capture.store import Store
-from replicator.capture.tables import OP_SKIP, TableInfo, inspect_table
+from replicator.capture.store import (
+    Store,
+    advance_clock,
+    applied_progress,
+    record_progress,
+    reserve_log_positions,
+)
+from replicator.capture.tables import (
+    OP_SKIP,
+    TableInfo,
+    inspect_table,
+    resume_capture,
+    suppress_capture,
+)
+from replicator.capture.transactions import write_transaction
 from replicator.log import KEY_ORIGIN, KEY_SEQ, KEY_TABLE, get_logger
 
 __all__ = [
@@ -139,17 +152,12 @@ class Applier:
         conn = store.conn
         result = ApplyResult()
         self._quarantine_room = None
-        store.begin_immediate()
-        try:
+        with write_transaction(store):
             self._follow_schema_changes()
-            conn.execute("INSERT INTO _repl_applying (marker) VALUES (1)")
+            suppress_capture(conn)
             self._apply_locked(conn, changes, skips, result, final)
-            conn.execute("DELETE FROM _repl_applying")
+            resume_capture(conn)
             result.held = store.version_vector()
-            store.commit()
-        except BaseException:
-            store.rollback()
-            raise
         for origin, wanted in result.gaps.items():
             _log.info("gap in a peer's stream: asking for a resend", **{KEY_ORIGIN: str(origin)},
                       **{KEY_SEQ: wanted})  # fmt: skip
@@ -183,10 +191,7 @@ class Applier:
             return
         metas = _load_metas(conn, accepted)
         # Log positions come from the clock row's counter, like the triggers' (never reused).
-        (last,) = conn.execute(
-            "UPDATE _repl_clock SET log_seq = log_seq + ? WHERE id = 1 RETURNING log_seq",
-            (len(accepted) + len(log_skips),),
-        ).fetchone()
+        last = reserve_log_positions(conn, len(accepted) + len(log_skips))
         position = last - len(accepted) - len(log_skips)
         winners: dict[tuple[str, str], _Winner] = {}
         column_sets = {name: info.column_set for name, info in self.store.tables.items()}
@@ -221,13 +226,9 @@ class Applier:
         failed = self._write_rows(conn, winners, result)
         saved = [w.position for k, w in winners.items() if k not in failed]
         conn.execute(_SAVE_METAS, (json.dumps(saved),))
-        conn.executemany(
-            "INSERT INTO _repl_progress (origin_node, origin_inc, seq) VALUES (?, ?, ?)"
-            " ON CONFLICT (origin_node, origin_inc) DO UPDATE SET seq = excluded.seq",
-            [(o.node_id, o.incarnation, seq) for o, seq in progress.items() if o in origins],
-        )
+        record_progress(conn, [(o, seq) for o, seq in progress.items() if o in origins])
         if highest:
-            conn.execute("UPDATE _repl_clock SET hlc = MAX(hlc, ?) WHERE id = 1", (highest,))
+            advance_clock(conn, highest)
         result.vector = {o: progress[o] for o in origins if o in progress}
 
     def _admit(
@@ -406,8 +407,7 @@ class Applier:
     ) -> None:
         result.quarantined += 1
         if self._quarantine_room is None:
-            (held,) = conn.execute("SELECT count(*) FROM _repl_quarantine").fetchone()
-            self._quarantine_room = self.quarantine_limit - held
+            self._quarantine_room = self.quarantine_limit - quarantine.held(conn)
         if self._quarantine_room <= 0:
             self.quarantine_dropped += 1
             if self.quarantine_dropped == 1 or self.quarantine_dropped % 1000 == 0:
@@ -417,23 +417,7 @@ class Applier:
                               KEY_SEQ: change.seq})  # fmt: skip
             return
         self._quarantine_room -= 1
-        conn.execute(
-            "INSERT INTO _repl_quarantine (origin_node, origin_inc, origin_seq, tbl, pk, op,"
-            " new_row, old_row, hlc, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                change.origin.node_id,
-                change.origin.incarnation,
-                change.seq,
-                change.table,
-                key,
-                int(change.op),
-                encode_row(change.row),
-                encode_row(change.old),
-                change.version.hlc,
-                reason,
-                hlc.wall_clock_ms(),
-            ),
-        )
+        quarantine.record(conn, change, key, reason)
         _log.error(
             "change quarantined: it cannot be applied here",
             reason=reason,
@@ -502,13 +486,7 @@ def _load_progress(conn: sqlite3.Connection, origins: Iterable[Origin]) -> dict[
     wanted = set(origins)
     if not wanted:
         return {}
-    return {
-        Origin(node, inc): seq
-        for node, inc, seq in conn.execute(
-            "SELECT origin_node, origin_inc, seq FROM _repl_progress"
-        )
-        if Origin(node, inc) in wanted
-    }
+    return {origin: seq for origin, seq in applied_progress(conn).items() if origin in wanted}
 
 
 def _load_metas(

@@ -18,8 +18,11 @@ from typing import Any
 
 from protocol import Origin, RowVersion
 from protocol.checks import SqlValue
+from replicator.apply import quarantine
 from replicator.capture import hlc
 from replicator.capture.rows import decode_row, key_sql, quote_identifier
+from replicator.capture.store import log_end, mark_resolving
+from replicator.capture.transactions import write_transaction
 from replicator.errors import ReplicationError
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "expire",
     "get",
     "list_conflicts",
+    "open_count",
     "record",
     "resolve",
     "summary",
@@ -230,8 +234,7 @@ def resolve(
     version above both conflicting ones and replicates), and its log entry carries the id.
     ``conn`` must be in autocommit mode; the write and the bookkeeping share one transaction.
     """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
         conflict = get(conn, ident)
         if conflict is None:
             raise ReplicationError(f"no conflict {ident!r}", op="resolve")
@@ -241,17 +244,10 @@ def resolve(
             if use not in ("local", "remote"):
                 raise ReplicationError("resolve needs use='local', use='remote' or a row")
             row = conflict.local_row if use == "local" else conflict.remote_row
-        before = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM _repl_log").fetchone()[0]
+        before = log_end(conn)
         _write(conn, conflict, primary_key, row)
-        conn.execute(
-            "UPDATE _repl_log SET resolves = ? WHERE seq > ? AND tbl = ?",
-            (ident, before, conflict.table),
-        )
+        mark_resolving(conn, ident, before, conflict.table)
         close_resolved(conn, ident, f"resolved here ({use or 'given row'})")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     resolved = get(conn, ident)
     assert resolved is not None
     return resolved
@@ -293,13 +289,16 @@ def _write(
 
 def summary(conn: sqlite3.Connection) -> dict[str, Any]:
     """Open conflicts, conflicts counted per table / strategy / kind, quarantined changes."""
-    (open_conflicts,) = conn.execute(
-        "SELECT count(*) FROM _repl_conflicts WHERE status = 'open'"
-    ).fetchone()
+    open_conflicts = open_count(conn)
     by_table: dict[str, dict[str, dict[str, int]]] = {}
     for table, strategy, kind, count in conn.execute(
         "SELECT tbl, strategy, kind, count FROM _repl_conflict_counts"
     ):
         by_table.setdefault(table, {}).setdefault(strategy, {})[kind] = count
-    (quarantined,) = conn.execute("SELECT count(*) FROM _repl_quarantine").fetchone()
-    return {"open": open_conflicts, "by_table": by_table, "quarantined": quarantined}
+    return {"open": open_conflicts, "by_table": by_table, "quarantined": quarantine.held(conn)}
+
+
+def open_count(conn: sqlite3.Connection) -> int:
+    """How many conflicts wait for a decision."""
+    (count,) = conn.execute("SELECT count(*) FROM _repl_conflicts WHERE status = 'open'").fetchone()
+    return int(count)

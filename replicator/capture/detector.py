@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from replicator.capture.dbcall import WouldBlock
 from replicator.capture.store import Store, StoreSettings
 from replicator.capture.tables import TableInfo
+from replicator.capture.transactions import read_transaction
 from replicator.log import get_logger
 
 __all__ = ["Detector"]
@@ -88,13 +89,10 @@ class Detector:
         if version == self._data_version:
             return None
         read_from = self.position
-        store.conn.execute("BEGIN")
-        try:
+        with read_transaction(store.conn):
             # Read in the same snapshot as the log, so an ALTER cannot slip between the two.
             schema_version = store.schema_version()
             result = store.log_position()
-        finally:
-            store.conn.execute("COMMIT")
         recapturing = schema_version != self._schema_version
         if recapturing:
             if quick:

@@ -11,6 +11,7 @@ import trio
 from protocol import Origin
 from replicator.capture import dbcall
 from replicator.capture.store import LogRecord, Store, StoreSettings
+from replicator.capture.transactions import read_transaction
 
 __all__ = ["LogReader"]
 
@@ -41,12 +42,9 @@ class LogReader:
         if self._store is None:
             self._store = Store.open(self._settings, prepare=False)
         store = self._store
-        store.conn.execute("BEGIN")
-        try:
+        with read_transaction(store.conn):
             end = store.log_position()
             records = store.read_log(after, limit, skip_origin=self._skip_origin, through=end)
-        finally:
-            store.conn.execute("COMMIT")
         # Fewer than asked for: every entry up to the end was looked at.
         return records, (end if len(records) < limit else records[-1].position)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import sqlite3
 import time
 
+from replicator.capture.transactions import write_transaction
 from replicator.errors import SchemaError
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate", "split_statements"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate", "recorded_version", "split_statements"]
 
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (
@@ -237,15 +238,19 @@ def _current_version(conn: sqlite3.Connection) -> int:
     return int(version)
 
 
+def recorded_version(conn: sqlite3.Connection) -> int | None:
+    """The newest migration recorded in a file (None: none, or a file no node prepared)."""
+    present = conn.execute("SELECT 1 FROM sqlite_schema WHERE name = '_repl_migrations'").fetchone()
+    if present is None:
+        return None
+    (version,) = conn.execute("SELECT MAX(version) FROM _repl_migrations").fetchone()
+    return None if version is None else int(version)
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring `_repl_*` up to date; returns the schema version. ``conn`` is in autocommit mode."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
         version = _current_version(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     if version > SCHEMA_VERSION:
         raise SchemaError(
             f"the database's replicator schema is version {version}, newer than this "
@@ -256,10 +261,8 @@ def migrate(conn: sqlite3.Connection) -> int:
     for number, name, script in MIGRATIONS:
         if number <= version:
             continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             if _current_version(conn) >= number:  # another process migrated meanwhile
-                conn.execute("COMMIT")
                 continue
             for statement in split_statements(script):
                 conn.execute(statement)
@@ -267,10 +270,6 @@ def migrate(conn: sqlite3.Connection) -> int:
                 "INSERT INTO _repl_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                 (number, name, int(time.time())),
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
     return SCHEMA_VERSION
 
 

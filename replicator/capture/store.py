@@ -9,6 +9,7 @@ short transaction, so the application's own writers never wait long.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -29,6 +30,7 @@ from replicator.capture.tables import (
     size_limit_statement,
     trigger_statements,
 )
+from replicator.capture.transactions import write_transaction
 from replicator.errors import SchemaError
 from replicator.log import KEY_TABLE, get_logger
 
@@ -173,25 +175,11 @@ class Store:
     # -- reading ---------------------------------------------------------------------------
 
     def clock(self) -> ClockState:
-        row = self.conn.execute(
-            "SELECT node_id, incarnation, hlc, local_seq, read_only, promoted"
-            " FROM _repl_clock WHERE id = 1"
-        ).fetchone()
-        if row is None:
-            raise SchemaError("the state database has no clock row", op="clock")
-        node_id, incarnation, stamp, local_seq, read_only, promoted = row
-        return ClockState(
-            Origin(node_id, incarnation), stamp, local_seq, bool(read_only), bool(promoted)
-        )
+        return read_clock(self.conn)
 
     def version_vector(self) -> dict[Origin, int]:
         """What this node holds: applied progress per origin, plus its own captures."""
-        vector = {
-            Origin(node, inc): seq
-            for node, inc, seq in self.conn.execute(
-                "SELECT origin_node, origin_inc, seq FROM _repl_progress"
-            )
-        }
+        vector = applied_progress(self.conn)
         clock = self.clock()
         if clock.local_seq:
             vector[clock.origin] = clock.local_seq
@@ -305,8 +293,7 @@ class Store:
     def start_new_incarnation(self) -> Origin:
         """A new origin for this node (after a restore or a recovery): sequences restart at 1
         under an incarnation no peer has seen, so none is ever reused."""
-        self.begin_immediate()
-        try:
+        with write_transaction(self):
             clock = self.clock()
             incarnation = max(clock.origin.incarnation + 1, hlc.wall_clock_ms())
             self.conn.execute(
@@ -316,16 +303,7 @@ class Store:
             # The old incarnation becomes an origin like any other: what this file still
             # holds of it counts as received, and peers can send back the rest of its past.
             if clock.local_seq:
-                self.conn.execute(
-                    "INSERT INTO _repl_progress (origin_node, origin_inc, seq) VALUES (?, ?, ?)"
-                    " ON CONFLICT (origin_node, origin_inc) DO UPDATE"
-                    " SET seq = MAX(seq, excluded.seq)",
-                    (clock.origin.node_id, clock.origin.incarnation, clock.local_seq),
-                )
-            self.commit()
-        except BaseException:
-            self.rollback()
-            raise
+                raise_progress(self.conn, clock.origin, clock.local_seq)
         self.origin = Origin(clock.origin.node_id, incarnation)
         return self.origin
 
@@ -338,8 +316,7 @@ class Store:
         Returns the tables whose triggers changed, and the schema version they match (read
         inside the transaction, so an ALTER committed right after it is noticed next time).
         """
-        self.begin_immediate()
-        try:
+        with write_transaction(self):
             self.tables, changed = install_triggers(
                 self.conn, self.settings.tables, in_transaction=True
             )
@@ -347,10 +324,6 @@ class Store:
                 for name in changed:
                     self._recapture(self.tables[name], recapture_after)
             version = self.schema_version()
-            self.commit()
-        except BaseException:
-            self.rollback()
-            raise
         return changed, version
 
     def _recapture(self, info: TableInfo, after: int) -> None:
@@ -374,6 +347,163 @@ class Store:
         _log.info("recaptured rows written during a schema change", table=info.name, rows=len(keys))
 
 
+# -- the bookkeeping on a bare connection ---------------------------------------------------
+# The SQL of the clock row, the version vector, the log and the row versions, for modules that
+# hold a connection rather than a `Store` (the applier's, a snapshot's copy, a backup's copy).
+
+
+def read_clock(conn: sqlite3.Connection) -> ClockState:
+    row = conn.execute(
+        "SELECT node_id, incarnation, hlc, local_seq, read_only, promoted"
+        " FROM _repl_clock WHERE id = 1"
+    ).fetchone()
+    if row is None:
+        raise SchemaError("the state database has no clock row", op="clock")
+    node_id, incarnation, stamp, local_seq, read_only, promoted = row
+    return ClockState(
+        Origin(node_id, incarnation), stamp, local_seq, bool(read_only), bool(promoted)
+    )
+
+
+def own_position(conn: sqlite3.Connection) -> tuple[Origin, int] | None:
+    """This file's origin and its last captured sequence (None: no clock row)."""
+    row = conn.execute(
+        "SELECT node_id, incarnation, local_seq FROM _repl_clock WHERE id = 1"
+    ).fetchone()
+    return None if row is None else (Origin(row[0], row[1]), row[2])
+
+
+def reserve_log_positions(conn: sqlite3.Connection, count: int) -> int:
+    """Take ``count`` log positions from the clock row's counter, as the triggers do (never
+    reused); returns the last one taken."""
+    (last,) = conn.execute(
+        "UPDATE _repl_clock SET log_seq = log_seq + ? WHERE id = 1 RETURNING log_seq",
+        (count,),
+    ).fetchone()
+    return int(last)
+
+
+def advance_clock(conn: sqlite3.Connection, stamp: int) -> None:
+    """The clock has seen ``stamp``: later local writes are stamped above it."""
+    conn.execute("UPDATE _repl_clock SET hlc = MAX(hlc, ?) WHERE id = 1", (stamp,))
+
+
+def applied_progress(conn: sqlite3.Connection) -> dict[Origin, int]:
+    """Highest contiguous sequence applied, per origin (this node's own captures aside)."""
+    return {
+        Origin(node, inc): seq
+        for node, inc, seq in conn.execute(
+            "SELECT origin_node, origin_inc, seq FROM _repl_progress"
+        )
+    }
+
+
+def record_progress(conn: sqlite3.Connection, progress: Iterable[tuple[Origin, int]]) -> None:
+    """Set each origin's applied sequence (the applier's, which only moves it forward)."""
+    conn.executemany(
+        "INSERT INTO _repl_progress (origin_node, origin_inc, seq) VALUES (?, ?, ?)"
+        " ON CONFLICT (origin_node, origin_inc) DO UPDATE SET seq = excluded.seq",
+        [(origin.node_id, origin.incarnation, seq) for origin, seq in progress],
+    )
+
+
+def raise_progress(conn: sqlite3.Connection, origin: Origin, seq: int) -> None:
+    """Count ``origin`` as applied through ``seq``, unless it already is further."""
+    conn.execute(
+        "INSERT INTO _repl_progress (origin_node, origin_inc, seq) VALUES (?, ?, ?)"
+        " ON CONFLICT (origin_node, origin_inc) DO UPDATE"
+        " SET seq = MAX(seq, excluded.seq)",
+        (origin.node_id, origin.incarnation, seq),
+    )
+
+
+def raise_log_floor(conn: sqlite3.Connection, origin: Origin, seq: int) -> None:
+    """This log holds nothing of ``origin`` through ``seq``: a peer lacking it needs a
+    snapshot."""
+    conn.execute(
+        "INSERT INTO _repl_log_floor (origin_node, origin_inc, seq) VALUES (?, ?, ?)"
+        " ON CONFLICT (origin_node, origin_inc) DO UPDATE"
+        " SET seq = MAX(seq, excluded.seq)",
+        (origin.node_id, origin.incarnation, seq),
+    )
+
+
+def vector_of_copy(conn: sqlite3.Connection) -> dict[Origin, int]:
+    """`Store.version_vector` of a file that may not be a node's (a backup, a copy): a
+    bookkeeping table it lacks counts as empty."""
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_schema")}
+    vector = applied_progress(conn) if "_repl_progress" in tables else {}
+    if "_repl_clock" in tables:
+        own = own_position(conn)
+        if own is not None and own[1]:
+            vector[own[0]] = own[1]
+    return vector
+
+
+def log_end(conn: sqlite3.Connection, empty: int = 0) -> int:
+    """The last log position (``empty`` for an empty log)."""
+    (end,) = conn.execute("SELECT COALESCE(MAX(seq), ?) FROM _repl_log", (empty,)).fetchone()
+    return int(end)
+
+
+def log_entries(conn: sqlite3.Connection) -> int:
+    (count,) = conn.execute("SELECT count(*) FROM _repl_log").fetchone()
+    return int(count)
+
+
+def logged_writes(conn: sqlite3.Connection, after: int, limit: int) -> list[tuple[Any, ...]]:
+    """Inserts and updates after a log position, raw: (position, table, key, new row as
+    stored, stamp, origin node, origin incarnation)."""
+    return conn.execute(
+        "SELECT seq, tbl, pk, new_row, hlc, origin_node, origin_inc FROM _repl_log"
+        " WHERE seq > ? AND op IN (1, 2) ORDER BY seq LIMIT ?",
+        (after, limit),
+    ).fetchall()
+
+
+def mark_resolving(conn: sqlite3.Connection, ident: str, after: int, table: str) -> None:
+    """The entries of ``table`` logged after ``after`` resolve conflict ``ident``."""
+    conn.execute(
+        "UPDATE _repl_log SET resolves = ? WHERE seq > ? AND tbl = ?", (ident, after, table)
+    )
+
+
+def last_logged(conn: sqlite3.Connection, origin: Origin) -> int | None:
+    """The highest sequence of ``origin`` the log holds (None: none)."""
+    (seq,) = conn.execute(
+        "SELECT MAX(origin_seq) FROM _repl_log WHERE origin_node = ? AND origin_inc = ?",
+        (origin.node_id, origin.incarnation),
+    ).fetchone()
+    return None if seq is None else int(seq)
+
+
+def logged_against_progress(conn: sqlite3.Connection) -> list[tuple[str, int, int, int]]:
+    """Per origin both applied and logged: (node, incarnation, applied sequence, highest
+    logged sequence)."""
+    return conn.execute(
+        "SELECT p.origin_node, p.origin_inc, p.seq, MAX(l.origin_seq) FROM _repl_progress p"
+        " JOIN _repl_log l ON l.origin_node = p.origin_node AND l.origin_inc = p.origin_inc"
+        " GROUP BY 1, 2, 3"
+    ).fetchall()
+
+
+def tombstones(conn: sqlite3.Connection, table: str) -> int:
+    """How many deleted rows of ``table`` keep their version."""
+    (count,) = conn.execute(
+        "SELECT count(*) FROM _repl_rowmeta WHERE tbl = ? AND deleted", (table,)
+    ).fetchone()
+    return int(count)
+
+
+def mark_deleted(conn: sqlite3.Connection, table: str, keys_sql: str, args: Sequence[Any]) -> None:
+    """Keep the versions of rows deleted without capture (the keys ``keys_sql`` selects) as
+    tombstones, their content hash forgotten."""
+    conn.execute(
+        f"UPDATE _repl_rowmeta SET deleted = 1, hash = NULL WHERE tbl = ? AND pk IN ({keys_sql})",
+        (table, *args),
+    )
+
+
 def _stored_size(stored: str | bytes | None) -> int:
     if stored is None:
         return 0
@@ -392,8 +522,7 @@ def _apply_application_schema(conn: sqlite3.Connection, settings: StoreSettings)
 
 
 def _init_clock(conn: sqlite3.Connection, node_id: str) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
         row = conn.execute("SELECT node_id FROM _repl_clock WHERE id = 1").fetchone()
         if row is None:
             now = hlc.wall_clock_ms()
@@ -410,10 +539,6 @@ def _init_clock(conn: sqlite3.Connection, node_id: str) -> None:
                 op="open",
                 hint="check replication.node_id and state.path",
             )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def _warn_about_auto_keys(tables: Iterable[TableInfo]) -> None:
@@ -433,9 +558,8 @@ def install_triggers(
 
     Returns the tables and the names of those whose triggers had to be (re)created.
     """
-    if not in_transaction:
-        conn.execute("BEGIN IMMEDIATE")
-    try:
+    # Inside the caller's transaction (`Store.refresh_triggers`), or in one of its own.
+    with contextlib.nullcontext() if in_transaction else write_transaction(conn):
         tables = {name: inspect_table(conn, name) for name in names}
         existing = {
             name: sql
@@ -461,10 +585,4 @@ def install_triggers(
                 changed.append(table)
         if existing.get(SIZE_LIMIT_TRIGGER) != every[SIZE_LIMIT_TRIGGER]:
             conn.execute(every[SIZE_LIMIT_TRIGGER])
-        if not in_transaction:
-            conn.execute("COMMIT")
-    except BaseException:
-        if not in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return tables, changed

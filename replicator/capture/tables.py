@@ -28,7 +28,9 @@ __all__ = [
     "TRIGGER_PREFIX",
     "TableInfo",
     "inspect_table",
+    "resume_capture",
     "size_limit_statement",
+    "suppress_capture",
     "trigger_statements",
 ]
 
@@ -40,6 +42,17 @@ twice, logged as hex): a change must fit one message (16 MiB) to replicate, so a
 refused in the application's own statement rather than left to halt replication later."""
 SIZE_LIMIT_TRIGGER = f"{TRIGGER_PREFIX}_size_limit"
 OP_SKIP, OP_INSERT, OP_UPDATE, OP_DELETE = 0, 1, 2, 3
+
+
+def suppress_capture(conn: sqlite3.Connection) -> None:
+    """Inside a write transaction: the triggers stand aside for what follows (a peer's
+    changes, a snapshot, expiry), which must not be captured again as local writes."""
+    conn.execute("INSERT INTO _repl_applying (marker) VALUES (1)")
+
+
+def resume_capture(conn: sqlite3.Connection) -> None:
+    """Undo `suppress_capture` before the transaction commits (a rollback undoes it too)."""
+    conn.execute("DELETE FROM _repl_applying")
 
 
 @dataclass(frozen=True, slots=True)

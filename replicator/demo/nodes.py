@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from replicator.apply import conflicts
+from replicator.capture.store import read_clock
+from replicator.capture.transactions import write_transaction
 from replicator.demo.children import Children
 from replicator.errors import ReplicationError
 from replicator.harness import NodeConfig, NodeProcess
@@ -93,14 +96,20 @@ class DemoNode(NodeProcess):
             return None
 
     def conflicts(self) -> int | None:
+        """Concurrent updates this node has resolved so far (its conflict counters)."""
         try:
-            rows = self.look(
-                "SELECT COALESCE(SUM(count), 0) FROM _repl_conflict_counts"
-                " WHERE kind = 'concurrent'"
-            )
+            conn = sqlite3.connect(f"{self.db_path.as_uri()}?mode=ro", uri=True, timeout=5)
+            try:
+                counted = conflicts.summary(conn)["by_table"]
+            finally:
+                conn.close()
         except sqlite3.Error:
             return None
-        return int(rows[0][0])
+        return sum(
+            int(kinds.get("concurrent", 0))
+            for strategies in counted.values()
+            for kinds in strategies.values()
+        )
 
     def writes(self) -> int:
         try:
@@ -120,10 +129,9 @@ class DemoNode(NodeProcess):
         """One application transaction; returns the hybrid-clock stamp the write got."""
         conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=10)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute(sql, args)
-            stamp = int(conn.execute("SELECT hlc FROM _repl_clock WHERE id = 1").fetchone()[0])
-            conn.execute("COMMIT")
+            with write_transaction(conn):
+                conn.execute(sql, args)
+                stamp = read_clock(conn).hlc  # the trigger's stamp, in the same transaction
         finally:
             conn.close()
         return stamp

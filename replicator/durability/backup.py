@@ -59,7 +59,8 @@ import lz4.frame
 import nacl.exceptions
 import nacl.secret
 
-from protocol import Origin
+from replicator.capture.migrations import recorded_version
+from replicator.capture.store import vector_of_copy
 from replicator.config import BackupConfig, Retention
 from replicator.errors import ReplicationError
 from replicator.log import get_logger
@@ -440,23 +441,8 @@ def _facts(conn: sqlite3.Connection) -> tuple[int, int, dict[str, int]]:
     """user_version, `_repl_*` schema version and version vector of a copy (same rule as
     `Store.version_vector`: applied progress per origin, plus this node's own captures)."""
     user_version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_schema")}
-    replicator_schema = 0
-    if "_repl_migrations" in tables:
-        row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM _repl_migrations").fetchone()
-        replicator_schema = int(row[0])
-    vector: dict[str, int] = {}
-    if "_repl_progress" in tables:
-        for node, inc, seq in conn.execute(
-            "SELECT origin_node, origin_inc, seq FROM _repl_progress"
-        ):
-            vector[str(Origin(node, inc))] = int(seq)
-    if "_repl_clock" in tables:
-        clock = conn.execute(
-            "SELECT node_id, incarnation, local_seq FROM _repl_clock WHERE id = 1"
-        ).fetchone()
-        if clock is not None and clock[2]:
-            vector[str(Origin(clock[0], clock[1]))] = int(clock[2])
+    replicator_schema = recorded_version(conn) or 0
+    vector = {str(origin): int(seq) for origin, seq in vector_of_copy(conn).items()}
     return user_version, replicator_schema, vector
 
 

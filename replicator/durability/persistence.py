@@ -20,6 +20,7 @@ import trio
 from protocol import Origin
 from replicator.capture.sqlite_errors import is_locked, refusal
 from replicator.capture.store import Store, StoreSettings
+from replicator.capture.transactions import write_transaction
 from replicator.config import Config
 from replicator.durability.backup import BackupInfo, BackupStore
 from replicator.durability.recovery import RecoveryReport, restore_backup
@@ -251,14 +252,10 @@ class Persistence:
             ("INSERT INTO _repl_probe (data) VALUES (zeroblob(?))", (_PROBE_BYTES,)),
             ("DELETE FROM _repl_probe", ()),
         ):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            # A refused COMMIT has rolled back already: the probe must fail with the refusal
+            # itself, not with the ROLLBACK's "no transaction is active".
+            with write_transaction(conn, rollback_only_if_open=True):
                 conn.execute(statement, args)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # a refused COMMIT has rolled back already
-                    conn.execute("ROLLBACK")
-                raise
 
     async def keep_running(self, task: Callable[[], Awaitable[None]]) -> None:
         """Run a periodic task that touches the database; a refused write pauses it (and

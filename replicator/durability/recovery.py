@@ -21,7 +21,12 @@ from typing import Any
 
 from protocol import Origin
 from replicator.capture.sqlite_errors import is_locked, refusal
-from replicator.capture.store import Store, StoreSettings
+from replicator.capture.store import (
+    Store,
+    StoreSettings,
+    last_logged,
+    logged_against_progress,
+)
 from replicator.capture.tables import TRIGGER_PREFIX
 from replicator.config import StateRecoveryConfig
 from replicator.durability.backup import BackupCorrupt, BackupError, BackupStore
@@ -64,19 +69,12 @@ def validate_state(store: Store) -> dict[str, Any]:
         if not any(name.startswith(f"{TRIGGER_PREFIX}") and table in name for name in triggers):
             problems.append(f"table {table}: capture triggers missing")
     clock = store.clock()
-    (logged_own,) = conn.execute(
-        "SELECT MAX(origin_seq) FROM _repl_log WHERE origin_node = ? AND origin_inc = ?",
-        (clock.origin.node_id, clock.origin.incarnation),
-    ).fetchone()
+    logged_own = last_logged(conn, clock.origin)
     if logged_own is not None and logged_own > clock.local_seq:
         problems.append(
             f"log holds {clock.origin}:{logged_own} beyond the clock's {clock.local_seq}"
         )
-    for node, inc, held, logged in conn.execute(
-        "SELECT p.origin_node, p.origin_inc, p.seq, MAX(l.origin_seq) FROM _repl_progress p"
-        " JOIN _repl_log l ON l.origin_node = p.origin_node AND l.origin_inc = p.origin_inc"
-        " GROUP BY 1, 2, 3"
-    ):
+    for node, inc, held, logged in logged_against_progress(conn):
         if logged > held:
             problems.append(f"log holds {node}#{inc}:{logged} beyond the vector's {held}")
     return {

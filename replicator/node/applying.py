@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import trio
 
 from protocol import Change, Origin, Skip
+from replicator.apply import quarantine
 from replicator.apply.applier import Applier, ApplyResult
 from replicator.capture import dbcall, wal
 from replicator.capture.pacing import WritePacer
@@ -107,7 +108,7 @@ class ApplyHandle:
             self._alarms.sound(
                 "quarantine",
                 f"{held} changes from peers could not be applied here and are quarantined "
-                "(table _repl_quarantine)",
+                f"(table {quarantine.TABLE})",
             )
         else:
             self._alarms.silence("quarantine")

@@ -11,6 +11,7 @@ import trio
 
 from protocol import Origin
 from replicator.capture.store import Store
+from replicator.capture.transactions import read_transaction, write_transaction
 from replicator.log import get_logger
 from replicator.sync import divergence
 from replicator.sync.filters import RowFilter
@@ -79,26 +80,18 @@ class DivergenceWatch:
             hashed_through = position
         origin = self._origin()
         assert origin is not None
-        conn.execute("BEGIN")
-        try:
+        with read_transaction(conn):
             vector = store.version_vector()
             checksums = divergence.compute(conn, store.tables, vector, origin, self.view)
-        finally:
-            conn.execute("COMMIT")
         found = {
             name: check.tampered + check.missing
             for name, check in checksums.tables.items()
             if check.tampered or check.missing
         }
         if found:
-            store.begin_immediate()
-            try:
+            with write_transaction(store):
                 for name, keys in found.items():
                     divergence.mark_tampered(conn, name, keys)
-                store.commit()
-            except BaseException:
-                store.rollback()
-                raise
             count = sum(len(keys) for keys in found.values())
             self._resync.tampered_found += count
             _log.warning("rows edited behind replication's back: repairing from a peer",

@@ -17,6 +17,7 @@ from replicator.apply import conflicts
 from replicator.apply.resolvers import ManualResolver, TimestampResolver
 from replicator.capture import hlc, wal
 from replicator.capture.store import Store
+from replicator.capture.transactions import write_transaction
 from replicator.clock import Clock
 from replicator.config import Config
 from replicator.log import KEY_PEER, get_logger
@@ -192,14 +193,8 @@ class Housekeeping:
 
             def expire() -> int:
                 store = self._applying.store
-                store.begin_immediate()
-                try:
-                    expired = conflicts.expire(store.conn, timeout_ms)
-                    store.commit()
-                except BaseException:
-                    store.rollback()
-                    raise
-                return expired
+                with write_transaction(store):
+                    return conflicts.expire(store.conn, timeout_ms)
 
             expired = await self._applying.run(expire)
             if expired:

@@ -15,9 +15,11 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from replicator.apply import conflicts
+from replicator.apply import conflicts, quarantine
+from replicator.capture.migrations import recorded_version
 from replicator.capture.rows import quote_identifier
-from replicator.capture.store import Store, StoreSettings
+from replicator.capture.store import Store, StoreSettings, tombstones
+from replicator.capture.store import log_entries as count_log_entries
 from replicator.config import Config, PeerConfig
 from replicator.durability.backup import BackupCorrupt, BackupError, BackupInfo, BackupStore
 from replicator.durability.persistence import Persistence
@@ -299,7 +301,7 @@ class ControlApi:
         def read(store: Store) -> dict[str, Any]:
             conn = store.conn
             (journal,) = conn.execute("PRAGMA journal_mode").fetchone()
-            (version,) = conn.execute("SELECT MAX(version) FROM _repl_migrations").fetchone()
+            version = recorded_version(conn)
             return {"journal_mode": journal, "replicator_schema_version": version}
 
         facts = await self._db(read)
@@ -322,18 +324,13 @@ class ControlApi:
             tables = {}
             for name in sorted(store.tables):
                 (rows,) = conn.execute(f"SELECT count(*) FROM {quote_identifier(name)}").fetchone()
-                (dead,) = conn.execute(
-                    "SELECT count(*) FROM _repl_rowmeta WHERE tbl = ? AND deleted", (name,)
-                ).fetchone()
-                tables[name] = {"rows": rows, "tombstones": dead}
-            (log_entries,) = conn.execute("SELECT count(*) FROM _repl_log").fetchone()
+                tables[name] = {"rows": rows, "tombstones": tombstones(conn, name)}
+            log_entries = count_log_entries(conn)
             (page_size,) = conn.execute("PRAGMA page_size").fetchone()
             (pages,) = conn.execute("PRAGMA page_count").fetchone()
             (free,) = conn.execute("PRAGMA freelist_count").fetchone()
-            (open_conflicts,) = conn.execute(
-                "SELECT count(*) FROM _repl_conflicts WHERE status = 'open'"
-            ).fetchone()
-            (quarantined,) = conn.execute("SELECT count(*) FROM _repl_quarantine").fetchone()
+            open_conflicts = conflicts.open_count(conn)
+            quarantined = quarantine.held(conn)
             return {
                 "tables": tables,
                 "log_entries": log_entries,

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from replicator.capture.transactions import write_transaction
 from replicator.state.schema import EXPIRY_SCOPE, TABLE
 
 __all__ = ["Counters", "figures", "fold", "node_figures", "publish", "stored"]
@@ -73,8 +74,7 @@ def publish(
 def fold(conn: sqlite3.Connection, instance: str, counts: Counters, now: float) -> None:
     """A closing instance: add its totals to the closed stores' row and drop its own, in one
     transaction (the totals never count twice nor go back)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
         conn.execute(
             "INSERT INTO _repl_store_metrics"
             " (instance, pid, reads, writes, deletes, hits, misses, updated_at)"
@@ -86,10 +86,6 @@ def fold(conn: sqlite3.Connection, instance: str, counts: Counters, now: float) 
             (_CLOSED, *counts.values(), now),
         )
         conn.execute("DELETE FROM _repl_store_metrics WHERE instance = ?", (instance,))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def stored(conn: sqlite3.Connection, now_ms: int) -> tuple[int, int]:

@@ -31,7 +31,8 @@ import msgpack
 
 from protocol.checks import SqlValue
 from replicator.capture.rows import key_sql
-from replicator.capture.tables import TableInfo
+from replicator.capture.store import mark_deleted, read_clock
+from replicator.capture.tables import TableInfo, resume_capture, suppress_capture
 from replicator.state.schema import EXPIRY_SCOPE, TABLE, is_replicated
 
 __all__ = ["checksum_cutoff", "left_out", "purge", "watermarks"]
@@ -79,9 +80,8 @@ def purge(conn: sqlite3.Connection, now_ms: int, margin_ms: int) -> int:
         return 0
     if not is_replicated(conn):  # nobody captures the table: a plain delete
         return int(conn.execute(f"DELETE {_EXPIRED}", (wanted,)).rowcount)
-    node_id, read_only = conn.execute(
-        "SELECT node_id, read_only FROM _repl_clock WHERE id = 1"
-    ).fetchone()
+    clock = read_clock(conn)
+    node_id, read_only = clock.origin.node_id, clock.read_only
     recorded = watermarks(conn)
     if read_only:
         cutoff = min(wanted, max(recorded.values(), default=0))
@@ -93,14 +93,10 @@ def purge(conn: sqlite3.Connection, now_ms: int, margin_ms: int) -> int:
                 " ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value",
                 (EXPIRY_SCOPE, node_id, msgpack.packb(cutoff)),
             )
-    conn.execute("INSERT INTO _repl_applying (marker) VALUES (1)")
+    suppress_capture(conn)
     try:
-        conn.execute(
-            "UPDATE _repl_rowmeta SET deleted = 1, hash = NULL WHERE tbl = ? AND pk IN"
-            f" (SELECT {key_sql(None, ('scope', 'key'))} {_EXPIRED})",
-            (TABLE, cutoff),
-        )
+        mark_deleted(conn, TABLE, f"SELECT {key_sql(None, ('scope', 'key'))} {_EXPIRED}", (cutoff,))
         removed = int(conn.execute(f"DELETE {_EXPIRED}", (cutoff,)).rowcount)
     finally:
-        conn.execute("DELETE FROM _repl_applying")
+        resume_capture(conn)
     return removed

@@ -128,6 +128,9 @@ class Migrations:
     def _step(self, conn: sqlite3.Connection, migration: Migration, step: Step, *,
               forward: bool) -> bool:  # fmt: skip
         """One step and its record in one transaction; False if another process did it."""
+        # Not `capture.transactions.write_transaction`: a failing COMMIT is the step's failure
+        # (wrapped in MigrationError below) while a failing BEGIN is not, and the helper puts
+        # both on the same side of the wrapping.
         conn.execute("BEGIN IMMEDIATE")
         try:
             now = self.current(conn)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 
 from replicator.capture.tables import TRIGGER_PREFIX
+from replicator.capture.transactions import write_transaction
 from replicator.state.errors import StateSchemaError
 
 __all__ = ["DDL", "EXPIRY_SCOPE", "RESERVED_PREFIX", "TABLE", "ensure_table", "is_replicated"]
@@ -41,13 +42,8 @@ def ensure_table(conn: sqlite3.Connection) -> None:
     """Create the table if it is missing; refuse one of another shape. ``conn`` autocommits."""
     shape = _shape(conn)
     if shape is None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             conn.execute(DDL)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         shape = _shape(conn)
     assert shape is not None
     wrong = {

@@ -192,7 +192,11 @@ class _Backend:
     @contextlib.contextmanager
     def transaction(self, what: str = "run a transaction") -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE (the write lock from the start, so reads inside see what the
-        writes will replace); nested blocks are savepoints, rolled back alone."""
+        writes will replace); nested blocks are savepoints, rolled back alone.
+
+        Not `capture.transactions.write_transaction`: what did not commit is rolled back when
+        the connection goes back to the pool (`_give`), which drops a connection that cannot
+        even roll back instead of raising."""
         held: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if held is not None:
             depth = self._local.depth = self._local.depth + 1

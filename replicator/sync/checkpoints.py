@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from protocol import Origin
+from replicator.capture.transactions import write_transaction
 
 __all__ = ["list_checkpoints", "take_checkpoint"]
 
@@ -26,8 +27,7 @@ def take_checkpoint(
     taken_at = time.time()
     vector_json = json.dumps({str(o): s for o, s in sorted(vector.items(), key=str)})
     peers_json = json.dumps(peers, sort_keys=True)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
         ident = conn.execute(
             "INSERT INTO _repl_checkpoints (taken_at, reason, vector, peers)"
             " VALUES (?, ?, ?, ?) RETURNING id",
@@ -38,10 +38,6 @@ def take_checkpoint(
             " (SELECT id FROM _repl_checkpoints ORDER BY id DESC LIMIT ?)",
             (keep,),
         )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return _checkpoint(ident, taken_at, reason, vector_json, peers_json)
 
 

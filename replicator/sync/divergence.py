@@ -26,7 +26,9 @@ import msgpack
 from protocol import BUCKETS, Origin, RowVersion, SnapshotRow
 from protocol.checks import SqlValue
 from replicator.capture.rows import decode_row, key_sql, parse_key, quote_identifier
+from replicator.capture.store import log_end, logged_writes
 from replicator.capture.tables import TableInfo
+from replicator.capture.transactions import write_transaction
 from replicator.state import expiry
 
 if TYPE_CHECKING:
@@ -220,28 +222,18 @@ def fill_hashes(conn: sqlite3.Connection, after: int, limit: int = 5000) -> tupl
     """Record the content hash of versions written by log entries after ``after``, where
     that version is still the row's current one. Returns (new position, hashes recorded).
     ``conn`` is in autocommit mode; one short write transaction."""
-    rows = conn.execute(
-        "SELECT seq, tbl, pk, new_row, hlc, origin_node, origin_inc FROM _repl_log"
-        " WHERE seq > ? AND op IN (1, 2) ORDER BY seq LIMIT ?",
-        (after, limit),
-    ).fetchall()
+    rows = logged_writes(conn, after, limit)
     if not rows:
-        (end,) = conn.execute("SELECT COALESCE(MAX(seq), ?) FROM _repl_log", (after,)).fetchone()
-        return int(end), 0
+        return log_end(conn, empty=after), 0
     updates: list[tuple[Any, ...]] = []
     for _seq, table, key, new_row, stamp, node, inc in rows:
         values = decode_row(new_row)
         if values is not None:
             updates.append((content_hash(values), table, key, stamp, node, inc))
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
         recorded = conn.executemany(
             "UPDATE _repl_rowmeta SET hash = ? WHERE tbl = ? AND pk = ? AND hlc = ?"
             " AND node = ? AND inc = ? AND hash IS NULL",
             updates,
         ).rowcount
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return int(rows[-1][0]), recorded

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from protocol import Origin
 from replicator.capture import hlc
+from replicator.capture.transactions import write_transaction
 
 __all__ = [
     "CHUNK",
@@ -82,8 +83,7 @@ def truncate_chunk(
     """Forget log positions ``[start, end)`` in one short write transaction, recording each
     origin's new floor and stable stamp. ``conn`` is in autocommit mode."""
     values, params = _floor_values(floor)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
         origins = conn.execute(
             f"WITH f(node, inc, seq) AS (VALUES {values})"
             " SELECT l.origin_node, l.origin_inc, MAX(l.origin_seq),"
@@ -108,10 +108,6 @@ def truncate_chunk(
                 "  stable_hlc = MAX(stable_hlc, excluded.stable_hlc)",
                 (node, inc, seq, stable),
             )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return TruncationResult(removed, past_floor)
 
 
@@ -179,8 +175,7 @@ def collect_tombstones(
     """Forget up to ``limit`` tombstones no change can still beat (timestamp order) or past
     retention, in one short write transaction; returns how many went."""
     placeholders = ", ".join("?" for _ in timestamp_tables) or "NULL"
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
         removed = conn.execute(
             "DELETE FROM _repl_rowmeta WHERE (tbl, pk) IN ("
             " SELECT tbl, pk FROM _repl_rowmeta WHERE deleted AND ("
@@ -188,8 +183,4 @@ def collect_tombstones(
             " LIMIT ?)",
             [stable_hlc, *timestamp_tables, retention_hlc or 0, limit],
         ).rowcount
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return removed

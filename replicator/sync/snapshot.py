@@ -43,8 +43,19 @@ from protocol.checks import SqlValue
 from replicator.apply.applier import Applier, delete_sql, unless_row_error, upsert_sql
 from replicator.capture.pacing import WritePacer
 from replicator.capture.rows import key_sql, parse_key, quote_identifier
-from replicator.capture.store import Store, StoreSettings, connect
-from replicator.capture.tables import TableInfo
+from replicator.capture.store import (
+    Store,
+    StoreSettings,
+    advance_clock,
+    applied_progress,
+    connect,
+    log_end,
+    own_position,
+    raise_log_floor,
+    raise_progress,
+)
+from replicator.capture.tables import TableInfo, resume_capture, suppress_capture
+from replicator.capture.transactions import write_transaction
 from replicator.errors import ReplicationError
 from replicator.log import KEY_PEER, get_logger
 from replicator.sync.divergence import (
@@ -175,22 +186,14 @@ class SnapshotSource:
             conn = self._conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False
             )
-        progress = {
-            Origin(node, inc): seq
-            for node, inc, seq in conn.execute(
-                "SELECT origin_node, origin_inc, seq FROM _repl_progress"
-            )
-        }
-        node, inc, local_seq = conn.execute(
-            "SELECT node_id, incarnation, local_seq FROM _repl_clock WHERE id = 1"
-        ).fetchone()
-        self.origin = Origin(node, inc)
+        progress = applied_progress(conn)
+        own = own_position(conn)
+        assert own is not None, "a node's file has its clock row"
+        self.origin, local_seq = own
         if local_seq:
             progress[self.origin] = local_seq
         self.vector = progress
-        self.log_position = int(
-            conn.execute("SELECT COALESCE(MAX(seq), 0) FROM _repl_log").fetchone()[0]
-        )
+        self.log_position = log_end(conn)
         if self.repair:
             known = self.known
             if (
@@ -414,16 +417,11 @@ class SnapshotMerge:
             checksum = fold(checksum, row_hash(chunk.table, store.key(row.pk), row))
         self.checksums[chunk.table] = checksum
         self.rows += len(chunk.rows)
-        store.begin_immediate()
-        try:
-            store.conn.execute(
+        with write_transaction(store) as conn:
+            conn.execute(
                 "INSERT INTO _repl_snapshot_stage (snapshot, tbl, row) VALUES (?, ?, ?)",
                 (self.begin.snapshot_id, chunk.table, staged),
             )
-            store.commit()
-        except BaseException:
-            store.rollback()
-            raise
 
     def _merge_staged(self) -> None:
         """Merge the verified chunks, one per transaction, in the sender's order."""
@@ -501,7 +499,7 @@ class SnapshotMerge:
         highest = max((row.version.hlc for _, row in written), default=0)
         self.written += len(written)
         if highest:
-            conn.execute("UPDATE _repl_clock SET hlc = MAX(hlc, ?) WHERE id = 1", (highest,))
+            advance_clock(conn, highest)
 
     def _write_one(
         self, conn: sqlite3.Connection, info: TableInfo, key: str, row: SnapshotRow
@@ -630,20 +628,10 @@ class SnapshotMerge:
             for origin, seq in self.vector.items():
                 if origin == own or held.get(origin, 0) >= seq:
                     continue
-                conn.execute(
-                    "INSERT INTO _repl_progress (origin_node, origin_inc, seq) VALUES (?, ?, ?)"
-                    " ON CONFLICT (origin_node, origin_inc) DO UPDATE"
-                    " SET seq = MAX(seq, excluded.seq)",
-                    (origin.node_id, origin.incarnation, seq),
-                )
+                raise_progress(conn, origin, seq)
                 # This node's log never held those entries: a peer lacking them needs a
                 # snapshot too.
-                conn.execute(
-                    "INSERT INTO _repl_log_floor (origin_node, origin_inc, seq) VALUES (?, ?, ?)"
-                    " ON CONFLICT (origin_node, origin_inc) DO UPDATE"
-                    " SET seq = MAX(seq, excluded.seq)",
-                    (origin.node_id, origin.incarnation, seq),
-                )
+                raise_log_floor(conn, origin, seq)
             vector = store.version_vector()
             conn.execute(
                 "DELETE FROM _repl_snapshot_stage WHERE snapshot = ?", (self.begin.snapshot_id,)
@@ -675,34 +663,20 @@ class SnapshotMerge:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction with capture suppressed (the applier's marker row)."""
-        store = self.applier.store
-        conn = store.conn
-        store.begin_immediate()
-        try:
-            conn.execute("INSERT INTO _repl_applying (marker) VALUES (1)")
+        with write_transaction(self.applier.store) as conn:
+            suppress_capture(conn)
             yield conn
-            conn.execute("DELETE FROM _repl_applying")
-            store.commit()
-        except BaseException:
-            store.rollback()
-            raise
+            resume_capture(conn)
 
 
 def discard_staged(store: Store, snapshot_id: int | None = None) -> None:
     """Delete the staged chunks of one snapshot (all of them: ``None``, as at start, when
     whatever a crash left staged belongs to snapshots that will never finish)."""
-    store.begin_immediate()
-    try:
+    with write_transaction(store) as conn:
         if snapshot_id is None:
-            store.conn.execute("DELETE FROM _repl_snapshot_stage")
+            conn.execute("DELETE FROM _repl_snapshot_stage")
         else:
-            store.conn.execute(
-                "DELETE FROM _repl_snapshot_stage WHERE snapshot = ?", (snapshot_id,)
-            )
-        store.commit()
-    except BaseException:
-        store.rollback()
-        raise
+            conn.execute("DELETE FROM _repl_snapshot_stage WHERE snapshot = ?", (snapshot_id,))
 
 
 def _malformed_row(info: TableInfo, row: SnapshotRow) -> str | None:
