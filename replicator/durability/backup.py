@@ -18,51 +18,52 @@ Why this shape:
 A directory shared by several nodes holds each node's backups side by side: a `BackupStore`
 lists, prunes and cleans up only its own node's files.
 
-File format (``<name>.backup``)::
-
-    header   magic b"RPLBKUP\\0" | format version (u8, 1) | flags (u8) | file id (16 bytes)
-    body     flags & 2 (encrypted): records until the final one, each
-                 length (u32 big endian) | SecretBox(nonce + MAC + plaintext)
-                 plaintext = file id (16) | chunk index (u64 BE) | final (u8) | <= 1 MiB of data
-             else: the stream itself
-    stream   flags & 1 (compressed): one lz4 frame (content checksum on) of the SQLite file;
-             else the SQLite file as is
-
-The file id, chunk index and final flag are authenticated inside each record, so records
-spliced from another backup, reordered, dropped or cut off are all detected.
+The file format is in `backup_format`, the retention rule in `backup_retention`.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
-import itertools
 import json
 import os
 import re
 import secrets
 import sqlite3
-import stat
-import struct
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO
 
-import lz4.frame
 import nacl.exceptions
 import nacl.secret
 
 from replicator.capture.migrations import recorded_version
 from replicator.capture.store import vector_of_copy
-from replicator.config import BackupConfig, Retention
-from replicator.errors import ReplicationError
+from replicator.config import BackupConfig
+from replicator.durability.backup_format import (
+    FLAG_COMPRESSED,
+    FLAG_ENCRYPTED,
+    FORMAT,
+    HEADER,
+    MAGIC,
+    BackupCorrupt,
+    BackupError,
+    BackupInfo,
+    BackupKeyError,
+    Compressor,
+    Encryptor,
+    HashingWriter,
+    Sink,
+    decompress,
+    decrypt,
+    load_key,
+    read_blocks,
+)
+from replicator.durability.backup_retention import expired
 from replicator.log import get_logger
 
 __all__ = [
@@ -77,322 +78,19 @@ __all__ = [
 
 _log = get_logger("backup")
 
-MAGIC = b"RPLBKUP\x00"
-FORMAT = 1
-FLAG_COMPRESSED = 1
-FLAG_ENCRYPTED = 2
-HEADER = struct.Struct(">8sBB16s")
-RECORD_LENGTH = struct.Struct(">I")
-CHUNK_PREFIX = struct.Struct(">16sQB")
-CHUNK = 1 << 20
-MAX_RECORD = CHUNK_PREFIX.size + CHUNK + nacl.secret.SecretBox.NONCE_SIZE + 16
 DATA_SUFFIX = ".backup"
 META_SUFFIX = ".json"
 TEMP_PREFIX = ".tmp-"
 FILE_MODE = 0o640
 DIR_MODE = 0o750
-MIN_PASSPHRASE = 16
-KEY_PERSON = b"replicator-bkup"
 BUSY_TIMEOUT_S = 30.0
 _TEMP = re.compile(
     r"^\.tmp-(?P<stem>[A-Za-z0-9_~-]+)\.(?:lock|data|json|db(?:-journal|-wal|-shm)?)$"
 )
 
 
-class BackupError(ReplicationError):
-    """A backup could not be made, read or restored; the message names the file."""
-
-
-class BackupCorrupt(BackupError):
-    """A backup fails its checksum, is cut short, cannot be decrypted or is no valid database."""
-
-
-class BackupKeyError(BackupError):
-    """The encryption key file is missing, too open, or holds too short a passphrase."""
-
-
 class _Missing(BackupError):
     """No such backup (or it is being removed)."""
-
-
-@dataclass(frozen=True, slots=True)
-class BackupInfo:
-    """What a backup holds, as its metadata sidecar records it (read from the copy itself)."""
-
-    name: str
-    node_id: str
-    created_at: float
-    size: int
-    database_bytes: int
-    checksum: str
-    description: str | None
-    schema_version: int
-    replicator_schema: int
-    vector: dict[str, int]
-    compressed: bool
-    encrypted: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> BackupInfo:
-        """Parse a metadata sidecar, checking every field's type (it is a file anyone can edit)."""
-        if not isinstance(data, dict):
-            raise TypeError("metadata is not an object")
-        values: dict[str, Any] = {}
-        for name, kinds in _FIELD_TYPES.items():
-            value = data[name]
-            if type(value) not in kinds:
-                raise TypeError(f"{name} is {value!r}")
-            values[name] = value
-        vector = values["vector"]
-        if not all(isinstance(k, str) and type(v) is int for k, v in vector.items()):
-            raise TypeError(f"vector is {vector!r}")
-        values["created_at"] = float(values["created_at"])
-        return cls(**values)
-
-
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "name": (str,),
-    "node_id": (str,),
-    "created_at": (int, float),
-    "size": (int,),
-    "database_bytes": (int,),
-    "checksum": (str,),
-    "description": (str, type(None)),
-    "schema_version": (int,),
-    "replicator_schema": (int,),
-    "vector": (dict,),
-    "compressed": (bool,),
-    "encrypted": (bool,),
-}
-
-
-def load_key(path: str) -> bytes:
-    """32-byte SecretBox key derived (BLAKE2b, digest 32, a fixed `person`) from the passphrase
-    text in the file (the format `replicator keygen` writes; strip whitespace; >= 16 chars).
-    Refuses a file whose mode lets group or others read or write it: a key others can read
-    protects nothing, and one others can write lets them choose it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise BackupKeyError(
-            f"backup key file {path} does not exist",
-            op="backup",
-            hint=f"create one with `replicator keygen {path}`",
-        ) from None
-    except OSError as error:
-        raise BackupKeyError(
-            f"cannot read backup key file {path}: {error.strerror}", op="backup"
-        ) from None
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise BackupKeyError(f"backup key file {path} is not a regular file", op="backup")
-        if info.st_mode & 0o077:
-            raise BackupKeyError(
-                f"backup key file {path} is open to group or others "
-                f"(mode {stat.S_IMODE(info.st_mode):04o})",
-                op="backup",
-                hint=f"chmod 600 {path}",
-            )
-        raw = file.read(4097)
-    try:
-        passphrase = raw.decode().strip()
-    except UnicodeDecodeError:
-        raise BackupKeyError(f"backup key file {path} is not text", op="backup") from None
-    if len(raw) > 4096 or len(passphrase) < MIN_PASSPHRASE:
-        raise BackupKeyError(
-            f"backup key file {path} must hold a passphrase of {MIN_PASSPHRASE} to 4096 "
-            f"characters (it holds {len(passphrase)})",
-            op="backup",
-            hint=f"create one with `replicator keygen {path}`",
-        )
-    return hashlib.blake2b(passphrase.encode(), digest_size=32, person=KEY_PERSON).digest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Retention
-
-
-def _hour(at: datetime) -> tuple[int, ...]:
-    return (at.year, at.month, at.day, at.hour)
-
-
-def _day(at: datetime) -> tuple[int, ...]:
-    return (at.year, at.month, at.day)
-
-
-def _week(at: datetime) -> tuple[int, ...]:
-    return tuple(at.isocalendar())[:2]
-
-
-def _month(at: datetime) -> tuple[int, ...]:
-    return (at.year, at.month)
-
-
-def expired(backups: Sequence[BackupInfo], retention: Retention, now: float) -> list[str]:
-    """Pure retention rule. Buckets: like restic/borg keep-hourly/daily/weekly/monthly: for each
-    bucket kind with count N>0, keep the newest backup of each of the N most recent distinct
-    periods (UTC hour, day, ISO week, month) that contain a backup; a backup kept by any bucket
-    is kept. With max_age: keep everything younger than max_age. ALWAYS keep the newest backup,
-    whatever the rule. With no rule at all (no bucket, no max_age) nothing expires: an empty
-    rule is never read as "delete everything". Returns the names to delete, oldest first."""
-    buckets = (
-        (retention.hourly, _hour),
-        (retention.daily, _day),
-        (retention.weekly, _week),
-        (retention.monthly, _month),
-    )
-    if not backups or (retention.max_age is None and all(n <= 0 for n, _ in buckets)):
-        return []
-    newest_first = sorted(backups, key=lambda b: (b.created_at, b.name), reverse=True)
-    keep = {newest_first[0].name}
-    for count, period in buckets:
-        seen: set[tuple[int, ...]] = set()
-        for backup in newest_first:
-            if len(seen) >= count:
-                break
-            key = period(datetime.fromtimestamp(backup.created_at, UTC))
-            if key not in seen:
-                seen.add(key)
-                keep.add(backup.name)
-    if retention.max_age is not None:
-        keep.update(b.name for b in newest_first if now - b.created_at < retention.max_age)
-    return [b.name for b in reversed(newest_first) if b.name not in keep]
-
-
-# ---------------------------------------------------------------------------------------------
-# Streams: each stage takes bytes and passes bounded blocks on.
-
-
-class _Sink(Protocol):
-    def write(self, data: bytes) -> None: ...
-    def close(self) -> None: ...
-
-
-class _HashingWriter:
-    """The end of the chain: writes to the file, checksumming exactly the bytes stored."""
-
-    def __init__(self, file: IO[bytes]) -> None:
-        self.file = file
-        self.hash = hashlib.blake2b(digest_size=32)
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        self.hash.update(data)
-        self.file.write(data)
-        self.size += len(data)
-
-    def close(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-
-class _Encryptor:
-    """Cuts the stream into chunks of CHUNK bytes, each sealed with its place in the file."""
-
-    def __init__(self, box: nacl.secret.SecretBox, file_id: bytes, sink: _Sink) -> None:
-        self.box = box
-        self.file_id = file_id
-        self.sink = sink
-        self.buffer = bytearray()
-        self.index = 0
-
-    def write(self, data: bytes) -> None:
-        self.buffer += data
-        # Strictly more than a chunk: whatever is left at close is the final chunk (maybe empty).
-        while len(self.buffer) > CHUNK:
-            self._seal(bytes(self.buffer[:CHUNK]), final=False)
-            del self.buffer[:CHUNK]
-
-    def close(self) -> None:
-        self._seal(bytes(self.buffer), final=True)
-        self.buffer.clear()
-        self.sink.close()
-
-    def _seal(self, chunk: bytes, *, final: bool) -> None:
-        sealed = self.box.encrypt(CHUNK_PREFIX.pack(self.file_id, self.index, final) + chunk)
-        self.sink.write(RECORD_LENGTH.pack(len(sealed)) + bytes(sealed))
-        self.index += 1
-
-
-class _Compressor:
-    def __init__(self, level: int, sink: _Sink) -> None:
-        self.compressor = lz4.frame.LZ4FrameCompressor(
-            compression_level=level, content_checksum=True
-        )
-        self.sink = sink
-        self.sink.write(self.compressor.begin())
-
-    def write(self, data: bytes) -> None:
-        out = self.compressor.compress(data)
-        if out:
-            self.sink.write(out)
-
-    def close(self) -> None:
-        self.sink.write(self.compressor.flush())
-        self.sink.close()
-
-
-def _blocks(file: IO[bytes], size: int = CHUNK) -> Iterator[bytes]:
-    while block := file.read(size):
-        yield block
-
-
-def _decrypt(
-    file: IO[bytes], box: nacl.secret.SecretBox, file_id: bytes, where: str
-) -> Iterator[bytes]:
-    for index in itertools.count():
-        head = file.read(RECORD_LENGTH.size)
-        (length,) = RECORD_LENGTH.unpack(head) if len(head) == RECORD_LENGTH.size else (0,)
-        record = file.read(length) if 0 < length <= MAX_RECORD else b""
-        if not record or len(record) != length:
-            raise BackupCorrupt(f"backup {where} is truncated (chunk {index})", op="restore")
-        try:
-            plain = box.decrypt(record)
-        except nacl.exceptions.CryptoError:
-            raise BackupCorrupt(
-                f"cannot decrypt backup {where} (chunk {index}): made with another key, or damaged",
-                op="restore",
-                hint="check that state.backup.encryption_key is the key the backup was made with",
-            ) from None
-        if len(plain) < CHUNK_PREFIX.size:
-            raise BackupCorrupt(f"backup {where}: chunk {index} is too short", op="restore")
-        chunk_file, chunk_index, final = CHUNK_PREFIX.unpack_from(plain)
-        if chunk_file != file_id or chunk_index != index:
-            raise BackupCorrupt(f"backup {where}: chunk {index} is out of place", op="restore")
-        yield plain[CHUNK_PREFIX.size :]
-        if final:
-            break
-    if file.read(1):
-        raise BackupCorrupt(f"backup {where}: data after the final chunk", op="restore")
-
-
-def _decompress(blocks: Iterable[bytes], where: str) -> Iterator[bytes]:
-    decompressor = lz4.frame.LZ4FrameDecompressor()
-    done = False
-    try:
-        for block in blocks:
-            if done and block:
-                raise BackupCorrupt(f"backup {where}: data after the end", op="restore")
-            data = block
-            while not done:
-                # Bounded output: a highly compressible chunk must not expand all at once.
-                out = decompressor.decompress(data, max_length=CHUNK)
-                data = b""
-                if out:
-                    yield out
-                done = bool(decompressor.eof)
-                if decompressor.needs_input:
-                    break
-            if done and decompressor.unused_data:
-                raise BackupCorrupt(f"backup {where}: data after the end", op="restore")
-    except RuntimeError as error:  # lz4 reports bad frames and checksums this way
-        raise BackupCorrupt(f"backup {where} does not decompress: {error}", op="restore") from None
-    if not done:
-        raise BackupCorrupt(f"backup {where} is truncated", op="restore")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +125,7 @@ def _file_checksum(path: Path) -> tuple[int, str]:
     digest = hashlib.blake2b(digest_size=32)
     size = 0
     with path.open("rb") as file:
-        for block in _blocks(file):
+        for block in read_blocks(file):
             digest.update(block)
             size += len(block)
     return size, f"blake2b:{digest.hexdigest()}"
@@ -785,14 +483,14 @@ class BackupStore:
         )
         file_id = secrets.token_bytes(16)
         with _create(temp) as file, copy.open("rb") as source:
-            writer = _HashingWriter(file)
+            writer = HashingWriter(file)
             writer.write(HEADER.pack(MAGIC, FORMAT, flags, file_id))
-            sink: _Sink = writer
+            sink: Sink = writer
             if self._box is not None:
-                sink = _Encryptor(self._box, file_id, sink)
+                sink = Encryptor(self._box, file_id, sink)
             if self.config.compression:
-                sink = _Compressor(self.config.compression_level, sink)
-            for block in _blocks(source):
+                sink = Compressor(self.config.compression_level, sink)
+            for block in read_blocks(source):
                 sink.write(block)
             sink.close()
         return writer.size, f"blake2b:{writer.hash.hexdigest()}"
@@ -821,11 +519,11 @@ class BackupStore:
                     raise BackupCorrupt(f"{path} is not a backup (format {FORMAT})", op="restore")
                 if flags != (FLAG_COMPRESSED * info.compressed | FLAG_ENCRYPTED * info.encrypted):
                     raise BackupCorrupt(f"{path}: header and metadata disagree", op="restore")
-                blocks: Iterable[bytes] = _blocks(file)
+                blocks: Iterable[bytes] = read_blocks(file)
                 if flags & FLAG_ENCRYPTED:
-                    blocks = _decrypt(file, self._reading_box(), file_id, str(path))
+                    blocks = decrypt(file, self._reading_box(), file_id, str(path))
                 if flags & FLAG_COMPRESSED:
-                    blocks = _decompress(blocks, str(path))
+                    blocks = decompress(blocks, str(path))
                 for block in blocks:
                     out.write(block)
                     written += len(block)

@@ -26,8 +26,6 @@ from structlog.testing import capture_logs
 from replicator.capture.store import Store, StoreSettings
 from replicator.config import BackupConfig, Retention
 from replicator.durability.backup import (
-    HEADER,
-    RECORD_LENGTH,
     BackupCorrupt,
     BackupError,
     BackupInfo,
@@ -36,6 +34,7 @@ from replicator.durability.backup import (
     expired,
     load_key,
 )
+from replicator.durability.backup_format import HEADER, RECORD_LENGTH
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE = "node1"
