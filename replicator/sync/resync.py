@@ -23,13 +23,9 @@ from replicator.log import KEY_PEER, get_logger
 from replicator.sync.divergence import Checksums
 from replicator.sync.filters import RowFilter
 from replicator.sync.peer import PeerConnection, PeerDisconnected
-from replicator.sync.snapshot import (
-    SnapshotError,
-    SnapshotMerge,
-    SnapshotProgress,
-    SnapshotSource,
-    discard_staged,
-)
+from replicator.sync.snapshot import SnapshotError, SnapshotProgress
+from replicator.sync.snapshot_merge import SnapshotMerge, discard_staged
+from replicator.sync.snapshot_source import SnapshotSource
 
 if TYPE_CHECKING:
     from replicator.sync.link import Link

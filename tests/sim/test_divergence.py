@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from replicator.sync import divergence
-from replicator.sync.snapshot import SnapshotMerge, SnapshotSource
+from replicator.sync.snapshot_merge import SnapshotMerge
+from replicator.sync.snapshot_source import SnapshotSource
 from tests.sim.test_snapshot import fill, nodes
 from tests.support.cluster_sim import SimNode, sync_until_quiescent
 

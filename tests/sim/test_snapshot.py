@@ -10,7 +10,9 @@ import pytest
 
 from protocol import SnapshotChunk
 from replicator.sync import retention
-from replicator.sync.snapshot import SnapshotError, SnapshotMerge, SnapshotSource
+from replicator.sync.snapshot import SnapshotError
+from replicator.sync.snapshot_merge import SnapshotMerge
+from replicator.sync.snapshot_source import SnapshotSource
 from tests.sim.test_retention import TIMESTAMP, tombstones
 from tests.support.cluster_sim import SimNode, deliver, deliver_records, sync_until_quiescent
 
