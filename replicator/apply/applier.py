@@ -36,15 +36,15 @@ from protocol.checks import SqlValue
 from replicator.apply import conflicts, quarantine
 from replicator.apply.resolvers import Resolver, TimestampResolver
 from replicator.capture import hlc
-from replicator.capture.rows import encode_row, key_sql, quote_identifier
-from replicator.capture.sqlite_errors import is_locked, refusal
-from replicator.capture.store import (
-    Store,
+from replicator.capture.bookkeeping import (
     advance_clock,
     applied_progress,
     record_progress,
     reserve_log_positions,
 )
+from replicator.capture.rows import encode_row, key_sql, quote_identifier
+from replicator.capture.sqlite_errors import is_locked, refusal
+from replicator.capture.store import Store
 from replicator.capture.tables import (
     OP_SKIP,
     TableInfo,

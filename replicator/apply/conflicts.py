@@ -20,8 +20,8 @@ from protocol import Origin, RowVersion
 from protocol.checks import SqlValue
 from replicator.apply import quarantine
 from replicator.capture import hlc
+from replicator.capture.bookkeeping import log_end, mark_resolving
 from replicator.capture.rows import decode_row, key_sql, quote_identifier
-from replicator.capture.store import log_end, mark_resolving
 from replicator.capture.transactions import write_transaction
 from replicator.errors import ReplicationError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from replicator.apply import conflicts
-from replicator.capture.store import read_clock
+from replicator.capture.bookkeeping import read_clock
 from replicator.capture.transactions import write_transaction
 from replicator.demo.children import Children
 from replicator.errors import ReplicationError

@@ -41,8 +41,8 @@ from typing import IO
 import nacl.exceptions
 import nacl.secret
 
+from replicator.capture.bookkeeping import vector_of_copy
 from replicator.capture.migrations import recorded_version
-from replicator.capture.store import vector_of_copy
 from replicator.config import BackupConfig
 from replicator.durability.backup_format import (
     FLAG_COMPRESSED,

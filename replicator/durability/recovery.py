@@ -20,13 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol import Origin
+from replicator.capture.bookkeeping import last_logged, logged_against_progress
 from replicator.capture.sqlite_errors import is_locked, refusal
-from replicator.capture.store import (
-    Store,
-    StoreSettings,
-    last_logged,
-    logged_against_progress,
-)
+from replicator.capture.store import Store, StoreSettings
 from replicator.capture.tables import TRIGGER_PREFIX
 from replicator.config import StateRecoveryConfig
 from replicator.durability.backup import BackupCorrupt, BackupError, BackupStore

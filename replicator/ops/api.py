@@ -16,10 +16,11 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from replicator.apply import conflicts, quarantine
+from replicator.capture.bookkeeping import log_entries as count_log_entries
+from replicator.capture.bookkeeping import tombstones
 from replicator.capture.migrations import recorded_version
 from replicator.capture.rows import quote_identifier
-from replicator.capture.store import Store, StoreSettings, tombstones
-from replicator.capture.store import log_entries as count_log_entries
+from replicator.capture.store import Store, StoreSettings
 from replicator.config import Config, PeerConfig
 from replicator.durability.backup import BackupCorrupt, BackupError, BackupInfo, BackupStore
 from replicator.durability.persistence import Persistence

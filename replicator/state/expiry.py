@@ -30,8 +30,8 @@ from collections.abc import Mapping
 import msgpack
 
 from protocol.checks import SqlValue
+from replicator.capture.bookkeeping import mark_deleted, read_clock
 from replicator.capture.rows import key_sql
-from replicator.capture.store import mark_deleted, read_clock
 from replicator.capture.tables import TableInfo, resume_capture, suppress_capture
 from replicator.state.schema import EXPIRY_SCOPE, TABLE, is_replicated
 

@@ -25,8 +25,8 @@ import msgpack
 
 from protocol import BUCKETS, Origin, RowVersion, SnapshotRow
 from protocol.checks import SqlValue
+from replicator.capture.bookkeeping import log_end, logged_writes
 from replicator.capture.rows import decode_row, key_sql, parse_key, quote_identifier
-from replicator.capture.store import log_end, logged_writes
 from replicator.capture.tables import TableInfo
 from replicator.capture.transactions import write_transaction
 from replicator.state import expiry

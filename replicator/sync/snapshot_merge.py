@@ -23,14 +23,10 @@ from protocol import (
 )
 from protocol.checks import SqlValue
 from replicator.apply.applier import Applier, delete_sql, unless_row_error, upsert_sql
+from replicator.capture.bookkeeping import advance_clock, raise_log_floor, raise_progress
 from replicator.capture.pacing import WritePacer
 from replicator.capture.rows import key_sql, quote_identifier
-from replicator.capture.store import (
-    Store,
-    advance_clock,
-    raise_log_floor,
-    raise_progress,
-)
+from replicator.capture.store import Store
 from replicator.capture.tables import TableInfo, resume_capture, suppress_capture
 from replicator.capture.transactions import write_transaction
 from replicator.log import KEY_PEER, get_logger

@@ -19,14 +19,9 @@ from protocol import (
     SnapshotRow,
     SnapshotTable,
 )
+from replicator.capture.bookkeeping import applied_progress, log_end, own_position
 from replicator.capture.rows import parse_key, quote_identifier
-from replicator.capture.store import (
-    StoreSettings,
-    applied_progress,
-    connect,
-    log_end,
-    own_position,
-)
+from replicator.capture.store import StoreSettings, connect
 from replicator.capture.tables import TableInfo
 from replicator.log import get_logger
 from replicator.sync.divergence import (
