@@ -3,7 +3,7 @@
 Every module of `replicator/` is parsed (nothing is run) and every string literal is searched
 for `_repl_*` names, f-string parts included; docstrings and other bare string statements are
 prose, and comments are not in the tree at all, so both may mention any table. A table or index
-named outside the table's owners, the DDL module, or the pending list below fails the test with
+named outside the table's owners or the DDL module fails the test with
 the module and the table.
 """
 
@@ -30,10 +30,6 @@ NOT_TABLES = {
     "_repl_capture_": "the capture triggers' name prefix (capture/tables)",
     "_repl_expiry": "a scope of the state store's own table (state/schema)",
 }
-# Left as they were while node.py becomes a package and the demo is reworked; move these SQL
-# strings to their owners' functions, then delete the entries.
-PENDING: frozenset[tuple[str, str]] = frozenset()
-
 _NAME = re.compile(r"_repl_[a-z_]+")
 _CREATE_TABLE = re.compile(r"CREATE TABLE (?:IF NOT EXISTS )?(_repl_[a-z_]+)")
 _CREATE_INDEX = re.compile(r"CREATE INDEX (_repl_[a-z_]+) ON (_repl_[a-z_]+)")
@@ -94,9 +90,7 @@ def strays(
             table = indexes.get(name, name)
             if table not in owners:
                 found.append(f"{module}:{line}: {name} is no known `_repl_*` table")
-            elif not (
-                module in owners[table] or module in DDL_MODULES or (module, table) in PENDING
-            ):
+            elif not (module in owners[table] or module in DDL_MODULES):
                 mine = ", ".join(sorted(owners[table]))
                 found.append(f"{module}:{line}: names {table}, owned by {mine}")
     return found
@@ -119,15 +113,6 @@ def test_repl_tables_are_named_only_by_their_owners() -> None:
     owners = owners_from_architecture(ARCHITECTURE.read_text())
     _, indexes = schema_names()
     assert strays(replicator_modules(), owners, indexes) == []
-
-
-def test_pending_exceptions_are_still_needed() -> None:
-    """A pending entry whose SQL has moved must go, so the list only shrinks."""
-    modules = replicator_modules()
-    _, indexes = schema_names()
-    for module, table in sorted(PENDING):
-        named = {indexes.get(name, name) for _, name in names_in_literals(modules[module])}
-        assert table in named, f"{module} no longer names {table}: drop it from PENDING"
 
 
 @pytest.mark.parametrize(
