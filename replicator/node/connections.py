@@ -357,8 +357,6 @@ class Connections:
         if configured in ("primary", "replica") and configured != role:
             _log.warning("peer runs in another role than configured", configured=configured,
                          announced=role, **{KEY_PEER: reply.node_id})  # fmt: skip
-        self.peer_roles[reply.node_id] = role
-        self.check_split_brain()
         return reply
 
     # -- one link per peer -----------------------------------------------------------------
@@ -462,6 +460,10 @@ class Connections:
                 f"{behind} changes behind (resync_threshold {recovery.resync_threshold})"
             )
         self.links[peer_id] = link
+        # Recorded with the link it came with: a link being replaced forgets its peer's role
+        # when it ends (`_link_done`), which may be after this Hello was received.
+        self.peer_roles[peer_id] = _role_of(hello)
+        self.check_split_brain()
         log.info("peer connected", remote=connection.label, dialled_by=dialled_by)
         return link
 
