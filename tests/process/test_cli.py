@@ -367,7 +367,14 @@ def test_a_peer_that_is_down_is_shown_with_its_error(tmp_path: Path) -> None:
     node1.start([absent])
     try:
         node1.app().execute(INSERT, ("alone", "10.8.0.1", 1))
-        wait_until(lambda: bool(node1.status()["peers"][0]["last_error"]), what="a dial error")
+        # The first dial fails before the insert is even made: wait for the change as well.
+        wait_until(
+            lambda: (
+                node1.status()["log_position"] >= 1
+                and bool(node1.status()["peers"][0]["last_error"])
+            ),
+            what="a dial error and the change captured",
+        )
         status = cli("status", *sock(node1))
         assert status.exit_code == EXIT_OK, status.output
         lines = status.stdout.splitlines()
