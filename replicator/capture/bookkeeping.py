@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol import Origin
+from replicator.capture.sealing import SEALED_END_SQL
 from replicator.errors import SchemaError
 
 __all__ = [
@@ -65,8 +66,9 @@ def own_position(conn: sqlite3.Connection) -> tuple[Origin, int] | None:
 
 
 def reserve_log_positions(conn: sqlite3.Connection, count: int) -> int:
-    """Take ``count`` log positions from the clock row's counter, as the triggers do (never
-    reused); returns the last one taken."""
+    """Take ``count`` log positions after the last stamped one (the caller sealed, in this
+    write transaction, what the triggers logged: `tables.suppress_capture`); returns the
+    last one taken."""
     (last,) = conn.execute(
         "UPDATE _repl_clock SET log_seq = log_seq + ? WHERE id = 1 RETURNING log_seq",
         (count,),
@@ -143,11 +145,11 @@ def log_entries(conn: sqlite3.Connection) -> int:
 
 
 def logged_writes(conn: sqlite3.Connection, after: int, limit: int) -> list[tuple[Any, ...]]:
-    """Inserts and updates after a log position, raw: (position, table, key, new row as
-    stored, stamp, origin node, origin incarnation)."""
+    """Stamped inserts and updates after a log position, raw: (position, table, key, new row
+    as stored, stamp, origin node, origin incarnation)."""
     return conn.execute(
         "SELECT seq, tbl, pk, new_row, hlc, origin_node, origin_inc FROM _repl_log"
-        " WHERE seq > ? AND op IN (1, 2) ORDER BY seq LIMIT ?",
+        f" WHERE seq > ? AND seq <= {SEALED_END_SQL} AND op IN (1, 2) ORDER BY seq LIMIT ?",
         (after, limit),
     ).fetchall()
 

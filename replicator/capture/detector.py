@@ -5,7 +5,8 @@ Applications commit from their own processes, so nothing wakes us: we poll. ``PR
 data_version`` changes whenever another connection commits and costs a few microseconds, so
 polling it every millisecond is cheap, and the log's end is only read when it moved. Each look
 is one short transaction; no read snapshot is held between polls, so the WAL can always be
-checkpointed.
+checkpointed. When the triggers logged changes, the detector stamps them (`Store.seal`, one
+short write transaction) before it reports the new end: senders only read stamped entries.
 
 The application may ``ALTER TABLE ... ADD COLUMN`` while we run: the poll notices the schema
 version move, regenerates the triggers, and recaptures the rows written in between (see
@@ -92,7 +93,8 @@ class Detector:
         with read_transaction(store.conn):
             # Read in the same snapshot as the log, so an ALTER cannot slip between the two.
             schema_version = store.schema_version()
-            result = store.log_position()
+            sealed, seen = store.unsealed()
+        logged: int | None = seen
         recapturing = schema_version != self._schema_version
         if recapturing:
             if quick:
@@ -100,9 +102,16 @@ class Detector:
             # Entries after read_from may come from triggers older than the table: capture
             # those rows again, whole, with triggers that match it.
             self._refresh_triggers(store, recapture_after=read_from)
-            result = store.log_position()  # the recaptured rows too: senders read them now
-        self._data_version = version
-        return result
+            logged = None  # the recaptured rows too: senders read them now
+        if logged is None or logged > sealed:
+            if quick:
+                raise WouldBlock
+            # Only what this look saw: an entry committed since may come from triggers older
+            # than its table, and the next look, seeing the schema move, recaptures it.
+            store.seal(through=logged)
+            sealed = store.log_position()
+        self._data_version = version  # (our own seal does not move it)
+        return sealed
 
     def _refresh_triggers(self, store: Store, recapture_after: int) -> None:
         changed, self._schema_version = store.refresh_triggers(recapture_after=recapture_after)

@@ -1,8 +1,8 @@
 """Hybrid logical clock: 48 bits of wall-clock milliseconds, 16 bits of counter, one integer.
 
-The clock's state is the ``hlc`` column of the ``_repl_clock`` row, shared by the capture
-triggers (which run inside the application's transactions and can only use SQL) and the node.
-Both apply the same two rules, written once here:
+The clock's state is the ``hlc`` column of the ``_repl_clock`` row. The capture triggers log
+the wall time of each change (`WALL_STAMP_SQL`); the node ticks the clock for them in log order
+(`capture.sealing`, in SQL) and when it writes itself. Two rules:
 
 - a local event ticks: ``max(previous + 1, now << 16)``; monotonic even when the wall clock
   steps backwards, because it never goes below ``previous + 1``;
@@ -20,12 +20,11 @@ from replicator.errors import ClockOffsetError
 __all__ = [
     "COUNTER_BITS",
     "NOW_MS_SQL",
-    "TICK_SQL",
+    "WALL_STAMP_SQL",
     "pack",
     "physical_ms",
     "receive",
     "tick",
-    "tick_sql",
     "wall_clock_ms",
 ]
 
@@ -36,12 +35,9 @@ _COUNTER_MASK = (1 << COUNTER_BITS) - 1
 NOW_MS_SQL = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
 
 
-def tick_sql(stamp: str = "hlc") -> str:
-    """The tick rule as an SQL expression over the clock row's current stamp."""
-    return f"MAX({stamp} + 1, {NOW_MS_SQL} << {COUNTER_BITS})"
-
-
-TICK_SQL = tick_sql()
+WALL_STAMP_SQL = f"({NOW_MS_SQL} << {COUNTER_BITS})"
+"""The wall time as a stamp with a zero counter: what a capture trigger logs, and the floor of
+the tick rule, which the node applies in log order (`capture.sealing`)."""
 
 
 def pack(physical: int, counter: int = 0) -> int:

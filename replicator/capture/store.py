@@ -27,6 +27,7 @@ from replicator.capture.bookkeeping import (
 )
 from replicator.capture.migrations import migrate
 from replicator.capture.rows import decode_row, key_sql, pk_key, quote_identifier
+from replicator.capture.sealing import SEALED_END_SQL, seal_pending, unsealed
 from replicator.capture.tables import (
     OP_SKIP,
     SIZE_LIMIT_TRIGGER,
@@ -137,6 +138,8 @@ class Store:
                 _init_clock(conn, settings.node_id)
                 tables, _ = install_triggers(conn, settings.tables)
                 _warn_about_auto_keys(tables.values())
+                with write_transaction(conn):
+                    seal_pending(conn)  # what the application wrote while the node was down
             else:
                 tables = {name: inspect_table(conn, name) for name in settings.tables}
             return cls(conn, settings, tables)
@@ -190,8 +193,22 @@ class Store:
         return int(self.conn.execute("PRAGMA schema_version").fetchone()[0])
 
     def log_position(self) -> int:
-        row = self.conn.execute("SELECT MAX(seq) FROM _repl_log").fetchone()
+        """The last stamped position: senders read through it, never past."""
+        row = self.conn.execute(f"SELECT {SEALED_END_SQL}").fetchone()
         return int(row[0] or 0)
+
+    def unsealed(self) -> tuple[int, int]:
+        """(last stamped position, last logged position)."""
+        return unsealed(self.conn)
+
+    def seal(self, through: int | None = None) -> int:
+        """Stamp what the triggers logged since the last call (up to ``through``), in one
+        write transaction (none when nothing waits); returns how many entries."""
+        sealed, end = unsealed(self.conn)
+        if end <= sealed or (through is not None and through <= sealed):
+            return 0
+        with write_transaction(self):
+            return seal_pending(self.conn, through)
 
     def read_log(
         self,
@@ -201,14 +218,15 @@ class Store:
         skip_origin: Origin | None = None,
         through: int | None = None,
     ) -> list[LogRecord]:
-        """Entries after a position (up to ``through``); ``skip_origin``'s are left out before
-        any decoding (a peer never needs its own writes back)."""
+        """Entries after a position (up to ``through``, by default the last stamped one);
+        ``skip_origin``'s are left out before any decoding (a peer never needs its own
+        writes back)."""
         columns = (
             "SELECT seq, origin_node, origin_inc, origin_seq, op, tbl, pk, new_row, old_row,"
             " hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen, first_seq, resolves"
             " FROM _repl_log WHERE seq > ? AND seq <= ?"
         )
-        end = (1 << 63) - 1 if through is None else through
+        end = self.log_position() if through is None else through
         if skip_origin is None:
             rows = self.conn.execute(f"{columns} ORDER BY seq LIMIT ?", (after, end, limit))
         else:
@@ -291,6 +309,7 @@ class Store:
         """A new origin for this node (after a restore or a recovery): sequences restart at 1
         under an incarnation no peer has seen, so none is ever reused."""
         with write_transaction(self):
+            seal_pending(self.conn)  # the old incarnation's captures keep its sequences
             clock = self.clock()
             incarnation = max(clock.origin.incarnation + 1, hlc.wall_clock_ms())
             self.conn.execute(

@@ -1,12 +1,11 @@
 """The application's replicated tables: what they look like, and the triggers that capture them.
 
 Capture runs inside the application's own transactions, on connections we do not control, so
-it is written in plain SQL: no custom functions, no temp tables. For each write the trigger
-
-1. ticks the hybrid logical clock, the origin sequence and the log position in the clock row,
-   or refuses the write if this node is a replica (the clock row says so),
-2. records the row's new version in `_repl_rowmeta`, keeping the one it replaces,
-3. appends the change to `_repl_log` with both versions.
+it is written in plain SQL: no custom functions, no temp tables. Every statement a trigger runs
+is paid by the application, so for each write the trigger runs one: it appends the change to
+`_repl_log` (table, key, operation, the rows as JSON) with the wall time, or refuses the write
+if this node is a replica (the clock row says so). The origin sequence, the hybrid-clock stamp
+and the row version are assigned by the node afterwards, in log order (`sealing`).
 
 Triggers do nothing while `_repl_applying` holds a row: that is the applier writing what a peer
 sent, which must not be captured again. An UPDATE that changes the primary key is captured as
@@ -18,8 +17,9 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from replicator.capture.hlc import TICK_SQL, tick_sql
+from replicator.capture.hlc import WALL_STAMP_SQL
 from replicator.capture.rows import key_sql, quote_identifier, quote_literal, row_json_sql
+from replicator.capture.sealing import seal_pending
 from replicator.errors import SchemaError
 
 __all__ = [
@@ -46,7 +46,9 @@ OP_SKIP, OP_INSERT, OP_UPDATE, OP_DELETE = 0, 1, 2, 3
 
 def suppress_capture(conn: sqlite3.Connection) -> None:
     """Inside a write transaction: the triggers stand aside for what follows (a peer's
-    changes, a snapshot, expiry), which must not be captured again as local writes."""
+    changes, a snapshot, expiry), which must not be captured again as local writes. What the
+    triggers logged before is stamped first, so what follows decides by every row's version."""
+    seal_pending(conn)
     conn.execute("INSERT INTO _repl_applying (marker) VALUES (1)")
 
 
@@ -137,47 +139,53 @@ def _unique_keys(conn: sqlite3.Connection, name: str) -> tuple[tuple[str, ...], 
 
 
 def _capture(table: TableInfo, op: int) -> str:
-    """Statements logging one change (a delete reads the key from OLD, others from NEW).
+    """The one statement logging a change: the row (or rows) and the wall time, nothing more
+    (a delete reads the key from OLD, others from NEW). The node stamps it afterwards, in log
+    order (`sealing`); a replica refuses the write here, as the clock row says.
 
-    The row version is written first: the upsert itself moves the current version into the
-    ``prev_*`` columns (on the right of SET, columns mean their values before the update), so
-    the log entry can copy both from the row it just wrote instead of looking them up.
+    The position is the next after both the log's last entry and the last sealed position,
+    so a log truncated to nothing never hands out a sealed position again.
     """
     name = quote_literal(table.name)
     prefix = "OLD" if op == OP_DELETE else "NEW"
     key = key_sql(prefix, table.primary_key)
     new_row = row_json_sql("NEW", table.columns) if op != OP_DELETE else "NULL"
     old_row = row_json_sql("OLD", table.columns) if op != OP_INSERT else "NULL"
+    return f"""
+    INSERT INTO _repl_log (seq, origin_node, origin_inc, origin_seq, op, tbl, pk, new_row,
+                           old_row, hlc)
+    SELECT {_NEXT_POSITION}, node_id, incarnation, 0, {op}, {name}, {key}, {new_row},
+           {old_row}, {_wall_or_refusal(table)}
+    FROM _repl_clock WHERE id = 1;"""
+
+
+_NEXT_POSITION = "MAX(log_seq, COALESCE((SELECT MAX(seq) FROM _repl_log), 0)) + 1"
+
+
+def _wall_or_refusal(table: TableInfo) -> str:
+    """The wall time as a clock stamp, or the replica's refusal (reads the clock row)."""
     refusal = quote_literal(
         f"replicator: table {table.name} is read-only on this replica node; "
         "write on the primary (or promote this node)"
     )
-    return f"""
-    UPDATE _repl_clock
-    SET hlc = CASE WHEN read_only THEN RAISE(ABORT, {refusal}) ELSE {TICK_SQL} END,
-        local_seq = local_seq + 1, log_seq = log_seq + 1
-    WHERE id = 1;
-    INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted,
-                               prev_hlc, prev_node, prev_inc, prev_gen, hash, seq)
-    SELECT {name}, {key}, hlc, node_id, incarnation, 1, {int(op == OP_DELETE)},
-           NULL, NULL, NULL, NULL, NULL, local_seq
-    FROM _repl_clock WHERE id = 1
-    ON CONFLICT (tbl, pk) DO UPDATE SET
-        prev_hlc = hlc, prev_node = node, prev_inc = inc, prev_gen = generation,
-        hlc = excluded.hlc, node = excluded.node, inc = excluded.inc,
-        generation = generation + 1, deleted = excluded.deleted, hash = NULL,
-        seq = excluded.seq;
-    INSERT INTO _repl_log (seq, origin_node, origin_inc, origin_seq, op, tbl, pk, new_row,
-                           old_row, hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen)
-    SELECT c.log_seq, c.node_id, c.incarnation, c.local_seq, {op}, {name}, {key}, {new_row},
-           {old_row}, c.hlc, m.generation, m.prev_hlc, m.prev_node, m.prev_inc, m.prev_gen
-    FROM _repl_clock AS c JOIN _repl_rowmeta AS m ON m.tbl = {name} AND m.pk = {key}
-    WHERE c.id = 1;"""
+    return f"CASE WHEN read_only THEN RAISE(ABORT, {refusal}) ELSE {WALL_STAMP_SQL} END"
 
 
 def _stage_evictions(table: TableInfo, exclude: tuple[str, ...]) -> str:
     """BEFORE trigger body: stage the rows sharing a UNIQUE value with NEW."""
     target = quote_identifier(table.name)
+    matches = _clash_sql(table, exclude)
+    slots = ", ".join(f"k{n}" for n in range(1, len(table.primary_key) + 1))
+    values = ", ".join(f"t.{quote_identifier(c)}" for c in table.primary_key)
+    return f"""
+    DELETE FROM _repl_evict;
+    INSERT INTO _repl_evict ({slots}, pk, old_row)
+    SELECT {values}, {key_sql("t", table.primary_key)}, {row_json_sql("t", table.columns)}
+    FROM {target} AS t WHERE {matches};"""
+
+
+def _clash_sql(table: TableInfo, exclude: tuple[str, ...]) -> str:
+    """Rows ``t`` of another key sharing a UNIQUE value with NEW (REPLACE would evict them)."""
     matches = " OR ".join(
         "("
         + " AND ".join(f"t.{quote_identifier(c)} = NEW.{quote_identifier(c)}" for c in key)
@@ -188,48 +196,27 @@ def _stage_evictions(table: TableInfo, exclude: tuple[str, ...]) -> str:
         f"{key_sql('t', table.primary_key)} IS NOT {key_sql(prefix, table.primary_key)}"
         for prefix in exclude
     )
-    slots = ", ".join(f"k{n}" for n in range(1, len(table.primary_key) + 1))
-    values = ", ".join(f"t.{quote_identifier(c)}" for c in table.primary_key)
-    return f"""
-    DELETE FROM _repl_evict;
-    INSERT INTO _repl_evict ({slots}, pk, old_row)
-    SELECT {values}, {key_sql("t", table.primary_key)}, {row_json_sql("t", table.columns)}
-    FROM {target} AS t WHERE ({matches}) AND {excluded};"""
+    return f"({matches}) AND {excluded}"
 
 
 def _capture_evictions(table: TableInfo) -> str:
-    """AFTER trigger prologue: log a delete for each staged row the statement removed."""
+    """AFTER trigger prologue: log a delete for each staged row the statement removed (logged
+    before the write itself, so a peer applying in order never meets the UNIQUE clash)."""
     name = quote_literal(table.name)
     target = quote_identifier(table.name)
     present = " AND ".join(
-        f"{quote_identifier(c)} IS _repl_evict.k{n}" for n, c in enumerate(table.primary_key, 1)
+        f"{quote_identifier(c)} IS e.k{n}" for n, c in enumerate(table.primary_key, 1)
     )
-    count = "(SELECT count(*) FROM _repl_evict)"
     return f"""
-    DELETE FROM _repl_evict WHERE EXISTS (SELECT 1 FROM {target} WHERE {present});
-    UPDATE _repl_evict
-    SET n = (SELECT count(*) FROM _repl_evict AS e WHERE e.rowid <= _repl_evict.rowid);
-    INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted,
-                               prev_hlc, prev_node, prev_inc, prev_gen, hash, seq)
-    SELECT {name}, e.pk, {tick_sql("c.hlc")} + e.n - 1, c.node_id, c.incarnation,
-           1, 1, NULL, NULL, NULL, NULL, NULL, c.local_seq + e.n
-    FROM _repl_clock AS c, _repl_evict AS e WHERE c.id = 1
-    ON CONFLICT (tbl, pk) DO UPDATE SET
-        prev_hlc = hlc, prev_node = node, prev_inc = inc, prev_gen = generation,
-        hlc = excluded.hlc, node = excluded.node, inc = excluded.inc,
-        generation = generation + 1, deleted = 1, hash = NULL, seq = excluded.seq;
     INSERT INTO _repl_log (seq, origin_node, origin_inc, origin_seq, op, tbl, pk, new_row,
-                           old_row, hlc, generation, prev_hlc, prev_node, prev_inc, prev_gen)
-    SELECT c.log_seq + e.n, c.node_id, c.incarnation, c.local_seq + e.n, {OP_DELETE}, {name},
-           e.pk, NULL, e.old_row, m.hlc, m.generation, m.prev_hlc, m.prev_node, m.prev_inc,
-           m.prev_gen
-    FROM _repl_clock AS c JOIN _repl_evict AS e JOIN _repl_rowmeta AS m
-         ON m.tbl = {name} AND m.pk = e.pk
-    WHERE c.id = 1;
-    UPDATE _repl_clock SET hlc = {TICK_SQL} + {count} - 1, local_seq = local_seq + {count},
-        log_seq = log_seq + {count}
-    WHERE id = 1 AND {count} > 0;
-    DELETE FROM _repl_evict;"""
+                           old_row, hlc)
+    SELECT {_NEXT_POSITION} - 1
+           + (SELECT count(*) FROM _repl_evict AS earlier WHERE earlier.rowid <= e.rowid),
+           c.node_id, c.incarnation, 0, {OP_DELETE}, {name}, e.pk, NULL, e.old_row,
+           {_wall_or_refusal(table)}
+    FROM _repl_evict AS e, _repl_clock AS c
+    WHERE c.id = 1 AND NOT EXISTS (SELECT 1 FROM {target} WHERE {present});
+    DELETE FROM _repl_evict WHERE rowid > 0;"""
 
 
 def size_limit_statement() -> str:
@@ -238,13 +225,17 @@ def size_limit_statement() -> str:
         "COALESCE(length(CAST(NEW.new_row AS BLOB)), 0)"
         " + COALESCE(length(CAST(NEW.old_row AS BLOB)), 0)"
     )
+    # length() of text counts characters, without copying: at most four bytes each, so
+    # only a change of more than a quarter of the limit in characters is measured in bytes.
+    characters = "COALESCE(length(NEW.new_row), 0) + COALESCE(length(NEW.old_row), 0)"
     message = quote_literal(
         f"replicator: this change is larger than {MAX_CHANGE_BYTES >> 20} MiB (the rows before "
         "and after, blobs counted twice) and cannot be replicated; store large values elsewhere"
     )
     return (
         f"CREATE TRIGGER {quote_identifier(SIZE_LIMIT_TRIGGER)} BEFORE INSERT ON _repl_log\n"
-        f"WHEN NOT EXISTS (SELECT 1 FROM _repl_applying) AND {size} > {MAX_CHANGE_BYTES}\n"
+        f"WHEN {characters} > {MAX_CHANGE_BYTES // 4} AND {size} > {MAX_CHANGE_BYTES}\n"
+        "AND NOT EXISTS (SELECT 1 FROM _repl_applying)\n"
         f"BEGIN SELECT RAISE(ABORT, {message}); END"
     )
 
@@ -272,14 +263,17 @@ def trigger_statements(table: TableInfo) -> dict[str, str]:
     }
     if table.tracks_evictions:
         base = TRIGGER_PREFIX + table.name
+        target_t = f"{target} AS t"
         bodies[f"{base}_stage_insert"] = (
             "BEFORE INSERT",
-            not_applying,
+            f"{not_applying} AND EXISTS (SELECT 1 FROM {target_t}"
+            f" WHERE {_clash_sql(table, ('NEW',))})",
             _stage_evictions(table, ("NEW",)),
         )
         bodies[f"{base}_stage_update"] = (
             "BEFORE UPDATE",
-            not_applying,
+            f"{not_applying} AND EXISTS (SELECT 1 FROM {target_t}"
+            f" WHERE {_clash_sql(table, ('OLD', 'NEW'))})",
             _stage_evictions(table, ("OLD", "NEW")),
         )
     return {

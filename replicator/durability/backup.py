@@ -43,6 +43,8 @@ import nacl.secret
 
 from replicator.capture.bookkeeping import vector_of_copy
 from replicator.capture.migrations import recorded_version
+from replicator.capture.sealing import seal_pending
+from replicator.capture.transactions import write_transaction
 from replicator.config import BackupConfig
 from replicator.durability.backup_format import (
     FLAG_COMPRESSED,
@@ -466,6 +468,9 @@ class BackupStore:
                 target.execute("PRAGMA journal_mode = OFF")
                 target.execute("PRAGMA synchronous = OFF")
                 source.backup(target)  # pages=-1: one step under one read transaction
+                # Changes the node had not stamped yet get the stamps it will give them.
+                with write_transaction(target):
+                    seal_pending(target)
                 # The copy inherits WAL mode from the header; a backup is one plain file.
                 target.execute("PRAGMA journal_mode = DELETE")
                 facts = _facts(target)

@@ -80,6 +80,7 @@ class DivergenceWatch:
             hashed_through = position
         origin = self._origin()
         assert origin is not None
+        store.seal()  # so that, mostly, no row is newer than its version in the pass
         with read_transaction(conn):
             vector = store.version_vector()
             checksums = divergence.compute(conn, store.tables, vector, origin, self.view)
@@ -96,7 +97,8 @@ class DivergenceWatch:
             self._resync.tampered_found += count
             _log.warning("rows edited behind replication's back: repairing from a peer",
                          rows=count, tables=sorted(found))  # fmt: skip
-        self._resync.checksums = checksums
+        if not checksums.pending:  # else they are not the vector's: compare the next pass
+            self._resync.checksums = checksums
         unmended = sorted(name for name, check in checksums.tables.items()
                           if check.tampered or check.missing or check.marked)  # fmt: skip
         if unmended:

@@ -27,6 +27,7 @@ from protocol import BUCKETS, Origin, RowVersion, SnapshotRow
 from protocol.checks import SqlValue
 from replicator.capture.bookkeeping import log_end, logged_writes
 from replicator.capture.rows import decode_row, key_sql, parse_key, quote_identifier
+from replicator.capture.sealing import pending_keys
 from replicator.capture.tables import TableInfo
 from replicator.capture.transactions import write_transaction
 from replicator.state import expiry
@@ -116,6 +117,9 @@ class Checksums:
     tables: dict[str, TableCheck]
     computed_at: float = field(default_factory=time.time)
     seconds: float = 0.0
+    pending: int = 0
+    """Rows whose last change waited for its stamps: their content is newer than ``vector``,
+    so these checksums are not those of the vector (not to be compared with a peer's)."""
 
     def table_checksums(self) -> dict[str, bytes]:
         return {name: check.checksum.to_bytes(16, "big") for name, check in self.tables.items()}
@@ -164,6 +168,7 @@ def compute(
     """
     started = time.monotonic()
     found: dict[str, TableCheck] = {}
+    pending = pending_keys(conn)  # newer than their versions, but not edited behind our back
     for name, info in sorted(tables.items()):
         check = found[name] = TableCheck()
         versioned = 0
@@ -176,7 +181,9 @@ def compute(
                 continue
             versioned += 1
             assert row.values is not None
-            if recorded == TAMPERED:
+            if (name, key) in pending:
+                pass
+            elif recorded == TAMPERED:
                 check.marked.append(key)
             elif recorded is not None and recorded != content_hash(row.values):
                 check.tampered.append(key)
@@ -192,10 +199,10 @@ def compute(
             "SELECT count(*) FROM _repl_rowmeta WHERE tbl = ? AND NOT deleted", (name,)
         ).fetchone()
         if live > versioned:
-            gone = _missing_rows(conn, info)
+            gone = [entry for entry in _missing_rows(conn, info) if (name, entry[0]) not in pending]
             check.missing = [key for key, recorded in gone if recorded != TAMPERED]
             check.marked += [key for key, recorded in gone if recorded == TAMPERED]
-    return Checksums(dict(vector), found, seconds=time.monotonic() - started)
+    return Checksums(dict(vector), found, seconds=time.monotonic() - started, pending=len(pending))
 
 
 def _missing_rows(conn: sqlite3.Connection, info: TableInfo) -> list[tuple[str, bytes | None]]:

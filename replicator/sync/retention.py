@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from protocol import Origin
 from replicator.capture import hlc
+from replicator.capture.sealing import SEALED_END_SQL
 from replicator.capture.transactions import write_transaction
 
 __all__ = [
@@ -65,7 +66,9 @@ def truncation_range(
         " ORDER BY l.seq LIMIT 1",
         params,
     ).fetchone()
-    first, last = conn.execute("SELECT MIN(seq), MAX(seq) FROM _repl_log").fetchone()
+    first, last = conn.execute(
+        f"SELECT MIN(seq), MIN(MAX(seq), {SEALED_END_SQL}) FROM _repl_log"
+    ).fetchone()  # entries waiting for their stamps stay, whatever the peers hold
     if first is None:
         return 0, 0
     cut = lacking[0] if lacking is not None else last + 1
@@ -74,7 +77,7 @@ def truncation_range(
             "SELECT seq FROM _repl_log WHERE hlc >= ? ORDER BY seq LIMIT 1", (retention_hlc,)
         ).fetchone()
         cut = max(cut, young[0] if young is not None else last + 1)
-    return first, cut
+    return first, min(cut, last + 1)
 
 
 def truncate_chunk(

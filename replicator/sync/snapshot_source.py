@@ -21,8 +21,10 @@ from protocol import (
 )
 from replicator.capture.bookkeeping import applied_progress, log_end, own_position
 from replicator.capture.rows import parse_key, quote_identifier
+from replicator.capture.sealing import seal_pending
 from replicator.capture.store import StoreSettings, connect
 from replicator.capture.tables import TableInfo
+from replicator.capture.transactions import write_transaction
 from replicator.log import get_logger
 from replicator.sync.divergence import (
     TAMPERED,
@@ -100,6 +102,9 @@ class SnapshotSource:
             conn = self._conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False
             )
+            # Changes the node had not stamped yet get the stamps it will give them.
+            with write_transaction(conn):
+                seal_pending(conn)
         progress = applied_progress(conn)
         own = own_position(conn)
         assert own is not None, "a node's file has its clock row"

@@ -66,6 +66,7 @@ def rows(conn: sqlite3.Connection, table: str) -> list[tuple[Any, ...]]:
 
 
 def whole_log(store: Store) -> list[LogRecord]:
+    store.seal()  # as the node's detector does before anything is read
     return store.read_log(0, 10**9)
 
 
@@ -510,6 +511,7 @@ def test_kill_9_during_a_large_apply_leaves_all_or_nothing_and_a_matching_vector
         app = app_connect(str(path))
         app.execute("INSERT INTO kv (a, b, v) VALUES (9, ?, 'after kill')", (f"k{attempt}",))
         app.close()
+        assert store.seal() == 1  # the node stamps what the trigger logged
         assert store.clock().local_seq == local_before + 1 == 1
         store.close()
     print(f"\napply: {duration:.2f} s, {count} statements; kills (at, code, rows): {outcomes}")
@@ -635,6 +637,7 @@ def test_restored_node_takes_back_its_lost_past_from_a_peer(tmp_path):
 
 
 def local_stamps(store: Store, after: int = 0) -> list[int]:
+    store.seal()
     return [
         r.entry.version.hlc
         for r in store.read_log(after, 10**9)
@@ -918,6 +921,7 @@ def test_replica_refuses_application_writes_applies_remote_ones_and_remembers_pr
     replica_path = tmp_path / "r.db"
     app = app_connect(str(replica_path))  # opened before the switch, as a running app would be
     app.execute("INSERT INTO leases (mac, ip) VALUES ('mine', 'before')")
+    replica.seal()  # as the node's detector does
     replica.set_read_only(True)
     assert replica.clock().read_only
     before = (rows(app, "leases"), replica.log_position(), replica.clock().local_seq)
@@ -956,6 +960,7 @@ def test_replica_refuses_application_writes_applies_remote_ones_and_remembers_pr
     replica.set_read_only(False, promoted=True)
     app.execute("INSERT INTO leases (mac, ip) VALUES ('new', 'after promotion')")
     app.execute("UPDATE leases SET ip = 'changed' WHERE mac = 'mine'")
+    replica.seal()
     assert replica.clock().local_seq == before[2] + 2
     replica.close()
     replica = Store.open(node_settings(replica_path, "r"))
@@ -963,6 +968,7 @@ def test_replica_refuses_application_writes_applies_remote_ones_and_remembers_pr
     assert clock.promoted
     assert not clock.read_only
     app.execute("DELETE FROM leases WHERE mac = 'new'")
+    replica.seal()
     assert replica.clock().local_seq == before[2] + 3
     app.close()
     primary.close()

@@ -22,6 +22,7 @@ def checksums(node: SimNode) -> divergence.Checksums:
 
 
 def record_hashes(node: SimNode) -> None:
+    node.store.seal()  # as the node's detector does: only stamped versions get hashes
     position = 0
     while True:
         end, _ = divergence.fill_hashes(node.store.conn, position)

@@ -118,12 +118,14 @@ class SimNode:
     # -- what the node holds -------------------------------------------------------------
 
     def log(self) -> list[LogRecord]:
+        self.store.seal()  # as the node's detector does before anything is read
         return self.store.read_log(0, _ALL)
 
     def changes(self) -> list[Change]:
         return [r.entry for r in self.log() if isinstance(r.entry, Change)]
 
     def vector(self) -> dict[Origin, int]:
+        self.store.seal()  # the application's writes count once the detector stamped them
         return self.store.version_vector()
 
     def rows(self, table: str) -> list[Row]:
@@ -143,6 +145,7 @@ class SimNode:
         return None if found is None else dict(zip(columns, found, strict=True))
 
     def rowmeta(self) -> list[Row]:
+        self.store.seal()
         return self.store.conn.execute(
             "SELECT tbl, pk, hlc, node, inc, generation, deleted,"
             " prev_hlc, prev_node, prev_inc, prev_gen FROM _repl_rowmeta ORDER BY tbl, pk"
@@ -176,6 +179,7 @@ class SimNode:
         }
 
     def version_of(self, table: str, key: str) -> RowVersion | None:
+        self.store.seal()
         found = self.store.conn.execute(
             "SELECT hlc, node, inc, generation FROM _repl_rowmeta WHERE tbl = ? AND pk = ?",
             (table, key),
@@ -198,11 +202,14 @@ class SimNode:
     # -- the application's side ----------------------------------------------------------
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> bool:
-        """Run one application statement; False when SQLite refused it (a constraint)."""
+        """Run one application statement; False when SQLite refused it (a constraint). What
+        it logged is stamped at once, as the node's detector would soon after."""
         try:
             self.app.execute(sql, params)
         except sqlite3.IntegrityError:
             return False
+        if not self.app.in_transaction:
+            self.store.seal()
         return True
 
     # -- receiving -------------------------------------------------------------------------

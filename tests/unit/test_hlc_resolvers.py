@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import sqlite3
 import sys
 import types
 from pathlib import Path
@@ -57,16 +56,6 @@ def test_receive_refuses_a_stamp_too_far_ahead() -> None:
     now = 1_800_000_000_000
     with pytest.raises(ClockOffsetError, match="ahead of this node's clock"):
         hlc.receive(0, hlc.pack(now + 61_000), now, max_offset_ms=60_000)
-
-
-def test_trigger_clock_sql_follows_the_tick_rule() -> None:
-    conn = sqlite3.connect(":memory:")
-    now = hlc.wall_clock_ms()
-    ahead = hlc.pack(now + HOUR_MS)  # as if the wall clock had stepped back an hour
-    (ticked,) = conn.execute(f"SELECT {hlc.TICK_SQL} FROM (SELECT ? AS hlc)", (ahead,)).fetchone()
-    assert ticked == ahead + 1
-    (fresh,) = conn.execute(f"SELECT {hlc.TICK_SQL} FROM (SELECT 0 AS hlc)").fetchone()
-    assert abs(hlc.physical_ms(fresh) - now) < 5_000
 
 
 def version(stamp: int, node: str, generation: int = 1, inc: int = 1) -> RowVersion:

@@ -80,6 +80,7 @@ class Peer:
         self.app = StateStore(self.path, clock=clock, purge_margin=1.0)
 
     def pull(self, source: Peer) -> None:
+        source.node.seal()  # as the node's detector does before anything is read
         entries = [record.entry for record in source.node.read_log(0, 1 << 62)]
         changes = [e for e in entries if isinstance(e, Change)]
         result = self.applier.apply(changes, [e for e in entries if isinstance(e, Skip)])
