@@ -44,6 +44,8 @@ from replicator.log import KEY_TABLE, get_logger
 __all__ = ["ClockState", "LogRecord", "Store", "StoreSettings", "connect", "create_private"]
 
 _log = get_logger("store")
+SEAL_CHUNK = 20_000
+"""Log positions stamped per write transaction by `Store.seal`."""
 _ALLOWED_PRAGMAS = frozenset(
     {"journal_mode", "synchronous", "cache_size", "temp_store", "mmap_size", "wal_autocheckpoint"}
 )
@@ -202,13 +204,19 @@ class Store:
         return unsealed(self.conn)
 
     def seal(self, through: int | None = None) -> int:
-        """Stamp what the triggers logged since the last call (up to ``through``), in one
-        write transaction (none when nothing waits); returns how many entries."""
+        """Stamp what the triggers logged since the last call (up to ``through``); returns
+        how many entries. Short write transactions of at most `SEAL_CHUNK` positions each
+        (none when nothing waits), so a huge application transaction does not make the node
+        hold the write lock long."""
         sealed, end = unsealed(self.conn)
-        if end <= sealed or (through is not None and through <= sealed):
-            return 0
-        with write_transaction(self):
-            return seal_pending(self.conn, through)
+        if through is not None:
+            end = min(end, through)
+        count = 0
+        while sealed < end:
+            with write_transaction(self):
+                count += seal_pending(self.conn, min(end, sealed + SEAL_CHUNK))
+            sealed = self.log_position()
+        return count
 
     def read_log(
         self,

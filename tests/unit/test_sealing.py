@@ -6,10 +6,12 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replicator.capture import hlc
+from replicator.capture import store as store_module
 from replicator.capture.store import Store, StoreSettings
 from replicator.capture.tables import OP_DELETE, OP_INSERT, OP_UPDATE
 
@@ -115,3 +117,23 @@ def test_sealing_in_batches_gives_the_stamps_of_the_tick_rule(
     )
     got = [(e[2], e[3], e[4]) for e in log(store.conn)]
     assert got == expected
+
+
+def test_a_huge_transaction_is_stamped_in_short_transactions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "SEAL_CHUNK", 7)
+    store = open_store(tmp_path / "s.db")
+    app = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    with app:
+        app.execute("BEGIN")
+        app.executemany(
+            "INSERT INTO leases VALUES (?, '10.0.0.1')", [(f"m{i}",) for i in range(50)]
+        )
+    holds: list[float] = []
+    store.hold_observer = holds.append
+    assert store.seal() == 50
+    assert len(holds) == 8  # ceil(50 / 7) write transactions
+    assert [e[1] for e in log(store.conn)] == list(range(1, 51))
+    stamps = [e[2] for e in log(store.conn)]
+    assert stamps == sorted(set(stamps))
