@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from protocol.checks import (
     INT64_MAX,
+    INT64_MIN,
     SqlValue,
     want_bytes,
     want_int,
@@ -35,6 +37,7 @@ __all__ = [
     "Ack",
     "Change",
     "Changes",
+    "ColumnVersions",
     "Goodbye",
     "Heartbeat",
     "Hello",
@@ -46,6 +49,7 @@ __all__ = [
     "Skip",
     "SnapshotBegin",
     "SnapshotChunk",
+    "SnapshotColumns",
     "SnapshotEnd",
     "SnapshotRequest",
     "SnapshotRow",
@@ -64,6 +68,12 @@ MAX_ORIGINS = 4096
 MAX_TABLES = 4096
 MAX_CAPABILITIES = 64
 CHECKSUM_SIZE = 16
+MAX_COLUMNS = 32767
+MAX_KEY_COLUMNS = 64
+MAX_CHUNK_ORIGINS = 4096
+ROW_HASH_SIZE = 16
+MAX_REPAIR_KEYS = 65536
+"""Keys a repair may name per table (more differing rows: whole buckets are sent instead)."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -588,6 +598,157 @@ class SnapshotChunk:
         )
 
 
+Column = tuple[SqlValue, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnVersions:
+    """The versions of a chunk's rows, one column per field (see `SnapshotColumns`)."""
+
+    hlcs: tuple[int, ...]
+    origins: tuple[int, ...]
+    """Indexes into the chunk's ``origins``."""
+    generations: tuple[int, ...]
+    seqs: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.hlcs)
+
+    def to_wire(self) -> list[Any]:
+        return [self.hlcs, self.origins, self.generations, self.seqs]
+
+    @classmethod
+    def from_wire(cls, value: Any, what: str, origins: int, *, low_seq: int) -> Self:
+        hlcs, indexes, generations, seqs = want_list(value, what, min_len=4, max_len=4)
+        rows = len(want_list(hlcs, f"{what} hlcs"))
+        return cls(
+            _int_column(hlcs, f"{what} hlcs", rows),
+            _int_column(indexes, f"{what} origins", rows, high=origins - 1),
+            _int_column(generations, f"{what} generations", rows),
+            _int_column(seqs, f"{what} sequences", rows, low=low_seq),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotColumns:
+    """A chunk of a snapshot in columns: what `SnapshotChunk` carries, without an object or
+    a map per row, so both ends handle it with a few calls per column.
+
+    ``columns`` holds the live rows' values, one tuple per column of the table in the order
+    `SnapshotBegin` declared them; ``live`` their versions and ``hashes`` the content hash
+    each version wrote (None: not known). ``keys`` holds, one tuple per key column in the
+    declared key order, the rows sent by key alone: tombstones (``keyed.seqs`` >= 0) and rows
+    named but withheld (`WITHHELD`); ``keyed`` their versions. Versions name their origin by
+    an index into ``origins``. The sender puts withheld rows before live rows and tombstones
+    after them (see `replicator.sync.snapshot`)."""
+
+    TYPE: ClassVar[int] = 11
+    snapshot_id: int
+    table: str
+    index: int
+    origins: tuple[Origin, ...]
+    columns: tuple[Column, ...]
+    live: ColumnVersions
+    hashes: tuple[bytes | None, ...]
+    keys: tuple[Column, ...]
+    keyed: ColumnVersions
+
+    @property
+    def row_count(self) -> int:
+        return len(self.live) + len(self.keyed)
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.snapshot_id,
+            self.table,
+            self.index,
+            [[origin.node_id, origin.incarnation] for origin in self.origins],
+            self.columns,
+            self.live.to_wire(),
+            self.hashes,
+            self.keys,
+            self.keyed.to_wire(),
+        ]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Self:
+        snapshot_id, table, index, origins, columns, live, hashes, keys, keyed = _fields(
+            value, cls, 9
+        )
+        what = "SnapshotColumns"
+        parsed_origins = []
+        for entry in want_list(origins, f"{what} origins", min_len=1, max_len=MAX_CHUNK_ORIGINS):
+            node_id, incarnation = want_list(entry, f"{what} origin", min_len=2, max_len=2)
+            parsed_origins.append(_origin_from_wire(node_id, incarnation, f"{what} origin"))
+        if len(set(parsed_origins)) != len(parsed_origins):
+            raise RemoteProtocolError(f"{what} origins: an origin appears twice")
+        count = len(parsed_origins)
+        live_versions = ColumnVersions.from_wire(live, f"{what} live", count, low_seq=0)
+        keyed_versions = ColumnVersions.from_wire(keyed, f"{what} keyed", count, low_seq=WITHHELD)
+        rows, named = len(live_versions), len(keyed_versions)
+        if rows + named == 0:
+            raise RemoteProtocolError(f"{what}: a chunk carries at least one row")
+        return cls(
+            want_int(snapshot_id, f"{what} id"),
+            want_name(table, f"{what} table"),
+            want_int(index, f"{what} index"),
+            tuple(parsed_origins),
+            _value_columns(columns, f"{what} columns", rows, max_len=MAX_COLUMNS),
+            live_versions,
+            _hash_column(hashes, f"{what} hashes", rows),
+            _value_columns(keys, f"{what} keys", named, max_len=MAX_KEY_COLUMNS),
+            keyed_versions,
+        )
+
+
+def _int_column(
+    value: Any, what: str, rows: int, *, low: int = 0, high: int = INT64_MAX
+) -> tuple[int, ...]:
+    """A column of integers in low..high (booleans refused), checked per column, not per
+    value: these are the hot path of a snapshot."""
+    column = want_list(value, what, min_len=rows, max_len=rows)
+    if not column:
+        return ()
+    if set(map(type, column)) != {int}:
+        raise RemoteProtocolError(f"{what}: expected integers only")
+    if min(column) < low or max(column) > high:
+        raise RemoteProtocolError(f"{what}: a value is outside {low}..{high}")
+    return tuple(column)
+
+
+_VALUE_TYPES = frozenset({int, float, str, bytes, type(None)})
+
+
+def _value_columns(value: Any, what: str, rows: int, *, max_len: int) -> tuple[Column, ...]:
+    """Columns of SQLite values, each ``rows`` long (an empty chunk part has no columns)."""
+    columns = want_list(value, what, min_len=0 if rows == 0 else 1, max_len=max_len)
+    checked = []
+    for column in columns:
+        values = want_list(column, f"{what} column", min_len=rows, max_len=rows)
+        kinds = set(map(type, values))
+        if not kinds <= _VALUE_TYPES:
+            raise RemoteProtocolError(
+                f"{what}: expected SQLite values (integer, real, text, blob or null)"
+            )
+        if int in kinds:
+            integers = values if len(kinds) == 1 else [v for v in values if type(v) is int]
+            if min(integers) < INT64_MIN or max(integers) > INT64_MAX:
+                raise RemoteProtocolError(f"{what}: an integer does not fit SQLite's 64 bits")
+        if float in kinds and any(map(math.isnan, (v for v in values if type(v) is float))):
+            raise RemoteProtocolError(f"{what}: NaN is not an SQLite value")
+        checked.append(tuple(values))
+    return tuple(checked)
+
+
+def _hash_column(value: Any, what: str, rows: int) -> tuple[bytes | None, ...]:
+    column = want_list(value, what, min_len=rows, max_len=rows)
+    if not set(map(type, column)) <= {bytes, type(None)}:
+        raise RemoteProtocolError(f"{what}: expected binary data or nil")
+    if {len(digest) for digest in column if digest is not None} - {ROW_HASH_SIZE}:
+        raise RemoteProtocolError(f"{what}: a content hash is not {ROW_HASH_SIZE} bytes")
+    return tuple(column)
+
+
 @dataclass(frozen=True, slots=True)
 class SnapshotEnd:
     TYPE: ClassVar[int] = 8
@@ -664,6 +825,7 @@ Message = (
     | SnapshotEnd
     | Resend
     | SnapshotRequest
+    | SnapshotColumns
 )
 
 MESSAGE_TYPES: Mapping[int, type[Message]] = {
@@ -679,6 +841,7 @@ MESSAGE_TYPES: Mapping[int, type[Message]] = {
         SnapshotEnd,
         Resend,
         SnapshotRequest,
+        SnapshotColumns,
     )
 }
 

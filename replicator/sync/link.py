@@ -40,6 +40,7 @@ from protocol import (
     Skip,
     SnapshotBegin,
     SnapshotChunk,
+    SnapshotColumns,
     SnapshotEnd,
     SnapshotRequest,
 )
@@ -140,7 +141,7 @@ class Snapshots(Protocol):
 
     async def begin(self, peer: str, message: SnapshotBegin) -> None: ...
 
-    async def chunk(self, peer: str, message: SnapshotChunk) -> None: ...
+    async def chunk(self, peer: str, message: SnapshotColumns | SnapshotChunk) -> None: ...
 
     async def end(self, peer: str, message: SnapshotEnd) -> dict[Origin, int]:
         """Verify and merge; returns the vector this node holds now."""
@@ -515,7 +516,7 @@ class Link:
                 self.request_snapshot(f"requested by {self.peer}: {message.reason}")
         elif isinstance(message, SnapshotBegin):
             await self._snapshots.begin(self.peer, message)
-        elif isinstance(message, SnapshotChunk):
+        elif isinstance(message, SnapshotColumns | SnapshotChunk):
             await self._snapshots.chunk(self.peer, message)
         elif isinstance(message, SnapshotEnd):
             vector = await self._snapshots.end(self.peer, message)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
-from protocol import Origin, SnapshotBegin, SnapshotChunk, SnapshotEnd
+from protocol import Origin, SnapshotBegin, SnapshotChunk, SnapshotColumns, SnapshotEnd
 from replicator.apply.applier import Applier
 from replicator.capture.pacing import WritePacer
 from replicator.capture.store import StoreSettings
@@ -126,7 +126,7 @@ class Resync:
             chunks = source.chunks()
             while (chunk := await trio.to_thread.run_sync(next, chunks, None)) is not None:
                 await connection.send(chunk)
-                progress.rows += len(chunk.rows)
+                progress.rows += chunk.row_count
                 progress.bytes = connection.bytes_sent
             await connection.send(source.end())
         except BaseException as error:
@@ -163,7 +163,7 @@ class Resync:
         except SnapshotError as error:
             await self._fail(peer, error)
 
-    async def chunk(self, peer: str, message: SnapshotChunk) -> None:
+    async def chunk(self, peer: str, message: SnapshotChunk | SnapshotColumns) -> None:
         merge = self._merges.get(peer)
         if merge is None:
             raise PeerDisconnected("snapshot chunk without a snapshot", op="snapshot", peer=peer)

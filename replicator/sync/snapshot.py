@@ -22,15 +22,23 @@ The sender is `snapshot_source`, the receiver `snapshot_merge`.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from protocol import (
     BUCKETS,
+    ColumnVersions,
     Origin,
+    RowVersion,
+    SnapshotColumns,
+    SnapshotRow,
 )
+from protocol.checks import SqlValue
 from replicator.capture.tables import TableInfo
 from replicator.errors import ReplicationError
 
@@ -39,14 +47,19 @@ __all__ = [
     "CHUNK_ROWS",
     "SnapshotError",
     "SnapshotProgress",
+    "Staged",
     "bitmap_buckets",
     "bucket_bitmap",
     "checksum_bytes",
+    "chunk_digest",
+    "chunk_payload",
+    "columns_chunk",
     "declared_bytes",
     "nonzero",
+    "unstage",
 ]
 
-CHUNK_ROWS = 1000  # rows per chunk, and per read of a table
+CHUNK_ROWS = 2000  # rows per chunk, and per read of a table
 CHUNK_BYTES = 1 << 20
 
 
@@ -119,3 +132,117 @@ def declared_bytes(info: TableInfo, rows: int, file_size: int) -> int:
 def nonzero(vector: Mapping[Origin, int]) -> dict[Origin, int]:
     """The origins of ``vector`` that hold anything (a zero entry says nothing)."""
     return {origin: seq for origin, seq in vector.items() if seq}
+
+
+# -- chunks in columns -----------------------------------------------------------------------
+#
+# A chunk travels as `SnapshotColumns`. Its canonical bytes (``chunk_payload``: the columns
+# msgpack-encoded) are what the receiver stages and later merges, and what each table's
+# checksum covers: the sender hashes the chunks it built from its copy, the receiver the
+# chunks it decoded and checked, so the checksum says that what will be merged is what was
+# read, with no work per row on either side.
+
+
+def chunk_payload(chunk: SnapshotColumns) -> bytes:
+    """The canonical bytes of a chunk's rows: what is staged and what the checksum covers."""
+    packed: bytes = msgpack.packb(chunk.to_wire()[3:], use_bin_type=True)
+    return packed
+
+
+def chunk_digest(index: int, payload: bytes) -> int:
+    """A chunk's contribution to its table's checksum (summed, as `divergence.fold` does)."""
+    digest = hashlib.blake2b(index.to_bytes(8, "big") + payload, digest_size=16).digest()
+    return int.from_bytes(digest, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A staged chunk read back: columns as `SnapshotColumns` has them, origins resolved."""
+
+    origins: list[Origin]
+    columns: list[list[SqlValue]]
+    live: list[list[int]]  # hlcs, origin indexes, generations, seqs
+    hashes: list[bytes | None]
+    keys: list[list[SqlValue]]
+    keyed: list[list[int]]
+
+    @property
+    def live_rows(self) -> int:
+        return len(self.live[0])
+
+    @property
+    def keyed_rows(self) -> int:
+        return len(self.keyed[0])
+
+    def rows(
+        self, columns: Sequence[str], primary_key: Sequence[str]
+    ) -> tuple[list[SnapshotRow], list[bytes | None], list[SnapshotRow]]:
+        """The per-row form (for the merges that cannot be done in SQL): live rows with
+        their content hashes, then the rows sent by key (withheld rows and tombstones)."""
+        origins = self.origins
+        positions = [list(columns).index(c) for c in primary_key]
+        live = []
+        hlcs, indexes, generations, seqs = self.live
+        for n, values in enumerate(zip(*self.columns, strict=True)):
+            row = dict(zip(columns, values, strict=True))
+            pk = tuple(values[p] for p in positions)
+            version = RowVersion(hlcs[n], origins[indexes[n]], generations[n])
+            live.append(SnapshotRow(pk, row, version, seqs[n]))
+        keyed = []
+        hlcs, indexes, generations, seqs = self.keyed
+        for n, pk in enumerate(zip(*self.keys, strict=True)):
+            version = RowVersion(hlcs[n], origins[indexes[n]], generations[n])
+            keyed.append(SnapshotRow(tuple(pk), None, version, seqs[n]))
+        return live, list(self.hashes), keyed
+
+
+def unstage(payload: bytes) -> Staged:
+    """A chunk as `chunk_payload` staged it (checked when it arrived)."""
+    origins, columns, live, hashes, keys, keyed = msgpack.unpackb(payload, raw=False)
+    return Staged([Origin(node, inc) for node, inc in origins], columns, live, hashes, keys, keyed)
+
+
+def columns_chunk(
+    snapshot_id: int,
+    table: str,
+    index: int,
+    columns: Sequence[str],
+    primary_key: Sequence[str],
+    rows: Iterable[tuple[SnapshotRow, bytes | None]],
+) -> SnapshotColumns:
+    """A chunk in columns from rows one by one (with the content hash of each live row), for
+    the paths that look at each row anyway (filters, repairs, a peer's chunk of rows)."""
+    origins: dict[Origin, int] = {}
+    live: list[tuple[SnapshotRow, bytes | None]] = []
+    keyed: list[SnapshotRow] = []
+    for row, digest in rows:
+        origins.setdefault(row.version.origin, len(origins))
+        if row.values is None:
+            keyed.append(row)
+        else:
+            live.append((row, digest))
+    values = tuple(
+        tuple(row.values.get(column) if row.values is not None else None for row, _ in live)
+        for column in columns
+    )
+    keys = tuple(tuple(row.pk[n] for row in keyed) for n in range(len(primary_key)))
+
+    def versions(of: Sequence[SnapshotRow]) -> ColumnVersions:
+        return ColumnVersions(
+            tuple(row.version.hlc for row in of),
+            tuple(origins[row.version.origin] for row in of),
+            tuple(row.version.generation for row in of),
+            tuple(row.seq for row in of),
+        )
+
+    return SnapshotColumns(
+        snapshot_id,
+        table,
+        index,
+        tuple(origins),
+        values,
+        versions([row for row, _ in live]),
+        tuple(digest for _, digest in live),
+        keys,
+        versions(keyed),
+    )

@@ -4,23 +4,27 @@ primary-key order, in chunks bounded by rows and bytes."""
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import accumulate
+from typing import Any
 
 from protocol import (
     WITHHELD,
+    ColumnVersions,
     Origin,
     RowVersion,
     SnapshotBegin,
-    SnapshotChunk,
+    SnapshotColumns,
     SnapshotEnd,
     SnapshotRow,
     SnapshotTable,
 )
 from replicator.capture.bookkeeping import applied_progress, log_end, own_position
-from replicator.capture.rows import parse_key, quote_identifier
+from replicator.capture.rows import key_sql, parse_key, quote_identifier
 from replicator.capture.sealing import seal_pending
 from replicator.capture.store import StoreSettings, connect
 from replicator.capture.tables import TableInfo
@@ -30,9 +34,9 @@ from replicator.sync.divergence import (
     TAMPERED,
     Checksums,
     compute,
+    content_hash,
     fold,
     key_bucket,
-    row_hash,
     versioned_rows,
 )
 from replicator.sync.filters import RowFilter
@@ -41,6 +45,9 @@ from replicator.sync.snapshot import (
     CHUNK_ROWS,
     bucket_bitmap,
     checksum_bytes,
+    chunk_digest,
+    chunk_payload,
+    columns_chunk,
     declared_bytes,
     nonzero,
 )
@@ -141,20 +148,137 @@ class SnapshotSource:
         ranges = {name: bucket_bitmap(buckets) for name, buckets in self.ranges.items()}
         return SnapshotBegin(self.ident, dict(self.vector), tuple(described), ranges)
 
-    def chunks(self) -> Iterator[SnapshotChunk]:
-        """Every table's live rows then its tombstones, in chunks of rows and bytes."""
+    def chunks(self) -> Iterator[SnapshotColumns]:
+        """Every table's withheld rows, live rows, then tombstones, in chunks of rows and
+        bytes. A whole table with no filter is read and packed in columns, with no work per
+        row in Python; filters and repairs look at each row."""
         for name in sorted(self.tables):
-            index = 0
-            batch: list[SnapshotRow] = []
-            size = 0
-            for row in self._rows_of(name):
-                batch.append(row)
-                size += _row_size(row)
-                if len(batch) >= CHUNK_ROWS or size >= CHUNK_BYTES:
-                    yield SnapshotChunk(self.ident, name, index, tuple(batch))
-                    index, batch, size = index + 1, [], 0
-            if batch:
-                yield SnapshotChunk(self.ident, name, index, tuple(batch))
+            if self.view is None and not self.repair:
+                parts = self._columns_of(name)
+            else:
+                parts = self._row_chunks(name)
+            checksum = self._checksums.get(name, 0)
+            for index, chunk in enumerate(parts):
+                checksum = fold(checksum, chunk_digest(index, chunk_payload(chunk)))
+                self._rows += chunk.row_count
+                yield chunk
+            self._checksums[name] = checksum
+
+    def _row_chunks(self, name: str) -> Iterator[SnapshotColumns]:
+        info = self.tables[name]
+        batch: list[tuple[SnapshotRow, bytes | None]] = []
+        size = 0
+        index = 0
+        for row in self._rows_of(name):
+            batch.append((row, None if row.values is None else content_hash(row.values)))
+            size += _row_size(row)
+            if len(batch) >= CHUNK_ROWS or size >= CHUNK_BYTES:
+                yield columns_chunk(self.ident, name, index, info.columns, info.primary_key,
+                                    batch)  # fmt: skip
+                index, batch, size = index + 1, [], 0
+        if batch:
+            yield columns_chunk(self.ident, name, index, info.columns, info.primary_key, batch)
+
+    def _columns_of(self, name: str) -> Iterator[SnapshotColumns]:
+        """The chunks of a whole table, read in SQL with their versions joined and turned
+        into columns by the batch."""
+        assert self._conn is not None
+        assert self.origin is not None
+        conn, info, own = self._conn, self.tables[name], self.origin
+        columns, primary_key = info.columns, info.primary_key
+        width = len(columns)
+        origins: dict[tuple[str, int], int] = {}
+        index = 0
+
+        def chunk(
+            values: Sequence[Sequence[Any]],
+            versions: Sequence[Sequence[Any]],
+            hashes: Sequence[bytes | None],
+            keys: Sequence[Sequence[Any]],
+            keyed: Sequence[Sequence[Any]],
+        ) -> SnapshotColumns:
+            nonlocal index
+            named = {i: o for o, i in origins.items()}
+            made = SnapshotColumns(
+                self.ident,
+                name,
+                index,
+                tuple(Origin(*named[i]) for i in range(len(named))),
+                tuple(tuple(column) for column in values),
+                ColumnVersions(*(tuple(column) for column in versions)),
+                tuple(hashes),
+                tuple(tuple(column) for column in keys),
+                ColumnVersions(*(tuple(column) for column in keyed)),
+            )
+            index += 1
+            return made
+
+        def split(
+            rows: list[tuple[Any, ...]],
+        ) -> tuple[list[tuple[Any, ...]], list[int], list[tuple[str, int]]]:
+            cells = list(zip(*rows, strict=True))
+            found = list(zip(cells[width + 1], cells[width + 2], strict=True))
+            return cells, [origins.setdefault(o, len(origins)) for o in found], found
+
+        no_values: list[list[Any]] = [[] for _ in columns]
+        no_versions: list[list[Any]] = [[], [], [], []]
+        no_keys: list[list[Any]] = [[] for _ in primary_key]
+        # Rows edited behind replication's back here: named by key, never offered.
+        withheld = conn.execute(
+            "SELECT pk, hlc, node, inc, generation FROM _repl_rowmeta"
+            " WHERE tbl = ? AND NOT deleted AND hash = ? ORDER BY pk",
+            (name, TAMPERED),
+        ).fetchall()
+        for start in range(0, len(withheld), CHUNK_ROWS):
+            part = withheld[start : start + CHUNK_ROWS]
+            keys = list(zip(*(parse_key(row[0]) for row in part), strict=True))
+            indexes = [origins.setdefault((row[2], row[3]), len(origins)) for row in part]
+            versions: list[Sequence[Any]] = [
+                [row[1] for row in part],
+                indexes,
+                [row[4] for row in part],
+                [WITHHELD] * len(part),
+            ]
+            yield chunk(no_values, no_versions, [], keys, versions)
+        # Live rows, versions joined in SQL (a row with none: hlc 0 under this node).
+        key = key_sql("t", primary_key)
+        names = ", ".join(f"t.{quote_identifier(c)}" for c in columns)
+        order = ", ".join(f"t.{quote_identifier(c)}" for c in primary_key)
+        size = " + ".join(f"coalesce(length(t.{quote_identifier(c)}), 0)" for c in columns)
+        cursor = conn.execute(
+            f"SELECT {names}, coalesce(m.hlc, 0), coalesce(m.node, ?), coalesce(m.inc, ?),"
+            f" coalesce(m.generation, 0), coalesce(m.seq, 0), m.hash, {size}"
+            f" FROM {quote_identifier(name)} AS t LEFT JOIN _repl_rowmeta AS m"
+            f" ON m.tbl = ? AND m.pk = {key}"
+            f" WHERE m.hash IS NOT ? ORDER BY {order}",
+            (own.node_id, own.incarnation, name, TAMPERED),
+        )
+        while fetched := cursor.fetchmany(CHUNK_ROWS):
+            for rows in _by_bytes(fetched, width + 6):
+                cells, indexes, _ = split(rows)
+                hashes = list(cells[width + 5])
+                for n, digest in enumerate(hashes):
+                    if digest is None:  # not recorded yet: the content as it is
+                        hashes[n] = content_hash(dict(zip(columns, rows[n], strict=False)))
+                versions = [
+                    cells[width],
+                    indexes,
+                    cells[width + 3],
+                    cells[width + 4],
+                ]
+                yield chunk(cells[:width], versions, hashes, no_keys, no_versions)
+        # Tombstones.
+        cursor = conn.execute(
+            "SELECT pk, hlc, node, inc, generation, coalesce(seq, 0) FROM _repl_rowmeta"
+            " WHERE tbl = ? AND deleted ORDER BY pk",
+            (name,),
+        )
+        while part := cursor.fetchmany(CHUNK_ROWS):
+            keys = list(zip(*(parse_key(row[0]) for row in part), strict=True))
+            indexes = [origins.setdefault((row[2], row[3]), len(origins)) for row in part]
+            versions = [[row[1] for row in part], indexes, [row[4] for row in part],
+                        [row[5] for row in part]]  # fmt: skip
+            yield chunk(no_values, no_versions, [], keys, versions)
 
     def _withheld(self, name: str) -> Iterator[tuple[str, SnapshotRow]]:
         """Rows found edited (or deleted) behind replication's back here: known to be wrong,
@@ -173,11 +297,8 @@ class SnapshotSource:
         assert self._conn is not None
         assert self.origin is not None
         wanted = self.ranges.get(name)
-        checksum = self._checksums.get(name, 0)
         for key, row in self._withheld(name):
             if wanted is None or key_bucket(name, key) in wanted:
-                checksum = fold(checksum, row_hash(name, key, row))
-                self._rows += 1
                 yield row
         for stored_key, stored, recorded in versioned_rows(
             self._conn, self.tables[name], self.origin
@@ -192,8 +313,6 @@ class SnapshotSource:
                 row = shared
             if wanted is not None and key_bucket(name, key) not in wanted:
                 continue
-            checksum = fold(checksum, row_hash(name, key, row))
-            self._rows += 1
             yield row
         cursor = self._conn.execute(
             "SELECT pk, hlc, node, inc, generation, seq FROM _repl_rowmeta"
@@ -205,11 +324,7 @@ class SnapshotSource:
                 if wanted is not None and key_bucket(name, key) not in wanted:
                     continue
                 version = RowVersion(stamp, Origin(node, inc), generation)
-                row = SnapshotRow(parse_key(key), None, version, seq or 0)
-                checksum = fold(checksum, row_hash(name, key, row))
-                self._rows += 1
-                yield row
-        self._checksums[name] = checksum
+                yield SnapshotRow(parse_key(key), None, version, seq or 0)
 
     def end(self) -> SnapshotEnd:
         checksums = {name: checksum_bytes(self._checksums.get(name, 0)) for name in self.tables}
@@ -224,6 +339,18 @@ class SnapshotSource:
         if not self._live:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+
+
+def _by_bytes(rows: list[tuple[Any, ...]], size_at: int) -> Iterator[list[tuple[Any, ...]]]:
+    """``rows`` cut where their sizes (column ``size_at``, plus a per-row allowance) reach
+    `CHUNK_BYTES`."""
+    sizes = list(accumulate(row[size_at] + 48 for row in rows))
+    start = 0
+    while start < len(rows):
+        base = sizes[start - 1] if start else 0
+        end = max(start + 1, bisect.bisect_left(sizes, base + CHUNK_BYTES, lo=start) + 1)
+        yield rows[start:end]
+        start = end
 
 
 def _row_size(row: SnapshotRow) -> int:

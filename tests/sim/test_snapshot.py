@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from protocol import SnapshotChunk
+from protocol import SnapshotColumns
 from replicator.sync import retention
-from replicator.sync.snapshot import SnapshotError
+from replicator.sync.snapshot import CHUNK_ROWS, SnapshotError
 from replicator.sync.snapshot_merge import SnapshotMerge
 from replicator.sync.snapshot_source import SnapshotSource
 from tests.sim.test_retention import TIMESTAMP, tombstones
@@ -40,10 +40,13 @@ def transfer(source: SimNode, target: SimNode, *, tamper: bool = False) -> Snaps
         begin = snapshot.open()
         merge = SnapshotMerge(target.applier, begin, source.name)
         for chunk in snapshot.chunks():
-            first = chunk.rows[0]
-            if tamper and first.values is not None:  # one value altered on the way
-                changed = dataclasses.replace(first, values={**first.values, "ip": "6.6.6.6"})
-                merge.chunk(dataclasses.replace(chunk, rows=(changed, *chunk.rows[1:])))
+            declared = next(table for table in begin.tables if table.name == chunk.table)
+            if tamper and "ip" in declared.columns and len(chunk.live):
+                # One value altered on the way.
+                columns = list(chunk.columns)
+                at = declared.columns.index("ip")
+                columns[at] = ("6.6.6.6", *columns[at][1:])
+                merge.chunk(dataclasses.replace(chunk, columns=tuple(columns)))
                 tamper = False
             else:
                 merge.chunk(chunk)
@@ -55,7 +58,7 @@ def transfer(source: SimNode, target: SimNode, *, tamper: bool = False) -> Snaps
 
 def test_an_empty_node_gets_every_row_and_the_stream_resumes_with_no_gap(tmp_path: Path) -> None:
     a, b = nodes(tmp_path, "a", "b")
-    fill(a, 3500)  # several chunks
+    fill(a, 2 * CHUNK_ROWS + 500)  # several chunks
     a.execute("DELETE FROM leases WHERE mac = 'm00007'")
     a.execute("INSERT INTO kv (a, b, v) VALUES (1, 'x', x'00ff')")
     snapshot = transfer(a, b)
@@ -129,7 +132,7 @@ def test_a_corrupted_chunk_fails_the_checksum_and_the_vector_stays(tmp_path: Pat
 
 def test_an_interrupted_snapshot_is_finished_by_the_next(tmp_path: Path) -> None:
     a, b = nodes(tmp_path, "a", "b")
-    fill(a, 2500)
+    fill(a, CHUNK_ROWS + 500)
     snapshot = open_source(a)
     merge = SnapshotMerge(b.applier, snapshot.open(), "a")
     chunks = snapshot.chunks()
@@ -156,7 +159,7 @@ def test_a_table_of_another_shape_is_refused(tmp_path: Path) -> None:
 
 def test_chunks_out_of_order_are_refused(tmp_path: Path) -> None:
     a, b = nodes(tmp_path, "a", "b")
-    fill(a, 1500)
+    fill(a, CHUNK_ROWS + 500)
     snapshot = open_source(a)
     merge = SnapshotMerge(b.applier, snapshot.open(), "a")
     chunks = list(snapshot.chunks())
@@ -164,4 +167,4 @@ def test_chunks_out_of_order_are_refused(tmp_path: Path) -> None:
     second = next(c for c in chunks if c.index == 1)
     with pytest.raises(SnapshotError, match="out of order"):
         merge.chunk(second)
-    assert isinstance(second, SnapshotChunk)
+    assert isinstance(second, SnapshotColumns)
