@@ -54,6 +54,11 @@ def test_two_nodes_replicate_writes_made_on_both_sides(
         two.executemany("INSERT INTO dhcp_leases (mac, ip, expires) VALUES (?, ?, ?)",
                         [lease(i + 5000, "b") for i in range(2000)])  # fmt: skip
     two.execute("INSERT INTO dns_records (name, type, zone, value) VALUES ('gw', 'A', 'lan', 'x')")
+    # A write on top of a row node1 received (an UPDATE of a row not there yet changes nothing).
+    wait_until(
+        lambda: one.execute("SELECT 1 FROM dhcp_leases WHERE mac = 'b005000'").fetchone(),
+        what="node1 to receive node2's lease",
+    )
     one.execute("UPDATE dhcp_leases SET hostname = 'renamed' WHERE mac = 'b005000'")
     one.execute("DELETE FROM dhcp_leases WHERE mac = 'a000001'")
     wait_until(
