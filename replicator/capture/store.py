@@ -140,11 +140,12 @@ class Store:
                 _init_clock(conn, settings.node_id)
                 tables, _ = install_triggers(conn, settings.tables)
                 _warn_about_auto_keys(tables.values())
-                with write_transaction(conn):
-                    seal_pending(conn)  # what the application wrote while the node was down
             else:
                 tables = {name: inspect_table(conn, name) for name in settings.tables}
-            return cls(conn, settings, tables)
+            store = cls(conn, settings, tables)
+            if prepare:
+                store.seal()  # what the application wrote while the node was down
+            return store
         except BaseException:
             conn.close()
             raise
