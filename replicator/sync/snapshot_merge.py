@@ -325,15 +325,7 @@ class SnapshotMerge:
         """Delete the rows between two keys the snapshot skipped, if the sender had seen their
         version (they were deleted there); keep those it never saw. Without ``through``, looks
         at one chunk of rows. Returns how many rows it looked at and the last one's key."""
-        keys = ", ".join(f"t.{quote_identifier(c)}" for c in info.primary_key)
-        marks = ", ".join("?" for _ in info.primary_key)
-        where, params = [], []
-        if after is not None:
-            where.append(f"({keys}) > ({marks})")
-            params += list(after)
-        if through is not None:
-            where.append(f"({keys}) <= ({marks})")
-            params += list(through)
+        keys, where, params = _key_range(info, after, through)
         key_expr = key_sql("t", info.primary_key)
         rows = conn.execute(
             f"SELECT {keys}, {key_expr}, m.node, m.inc, m.seq"
@@ -498,16 +490,8 @@ class SnapshotMerge:
     ) -> None:
         """`_sweep` in one query: the rows between two keys that the chunk in the temp table
         skipped, whose version the sender had seen."""
-        keys = ", ".join(f"t.{quote_identifier(c)}" for c in info.primary_key)
-        marks = ", ".join("?" for _ in info.primary_key)
+        keys, where, params = _key_range(info, after, through)
         key_expr = key_sql("t", info.primary_key)
-        where, params = [], []
-        if after is not None:
-            where.append(f"({keys}) > ({marks})")
-            params += list(after)
-        if through is not None:
-            where.append(f"({keys}) <= ({marks})")
-            params += list(through)
         found = conn.execute(
             f"SELECT {keys}, m.pk FROM {quote_identifier(info.name)} AS t"
             # CROSS JOIN: the table's rows in the key range outside, each version looked up
@@ -652,6 +636,24 @@ class SnapshotMerge:
             suppress_capture(conn)
             yield conn
             resume_capture(conn)
+
+
+def _key_range(
+    info: TableInfo, after: tuple[SqlValue, ...] | None, through: tuple[SqlValue, ...] | None
+) -> tuple[str, list[str], list[SqlValue]]:
+    """The table's key columns (of ``t``), and the conditions and parameters selecting keys
+    after ``after`` and up to ``through`` (either may be open)."""
+    keys = ", ".join(f"t.{quote_identifier(c)}" for c in info.primary_key)
+    marks = ", ".join("?" for _ in info.primary_key)
+    where: list[str] = []
+    params: list[SqlValue] = []
+    if after is not None:
+        where.append(f"({keys}) > ({marks})")
+        params += list(after)
+    if through is not None:
+        where.append(f"({keys}) <= ({marks})")
+        params += list(through)
+    return keys, where, params
 
 
 def discard_staged(store: Store, snapshot_id: int | None = None) -> None:
