@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from replicator.capture import hlc
+from replicator.capture import hlc, sealing
 from replicator.harness import NodeProcess, wait_until
 from tests.support.fault_proxy import FaultProxy
 
@@ -132,8 +132,24 @@ def versions(node: NodeProcess) -> list[tuple[Any, ...]]:
         conn.close()
 
 
+def stamped(node: NodeProcess) -> None:
+    """Wait until the node stamped everything its application logged: versions and the clock
+    row hold an application write only once the node's detector has stamped it."""
+
+    def caught_up() -> bool:
+        conn = sqlite3.connect(node.db_path, timeout=10)
+        try:
+            sealed, logged = sealing.unsealed(conn)
+        finally:
+            conn.close()
+        return sealed == logged
+
+    wait_until(caught_up, timeout=10, what=f"{node.node_id} to stamp its writes")
+
+
 def version_of(node: NodeProcess, mac: str) -> tuple[int, str, int]:
     """(hlc, node, inc) of the row's current version on this node: the timestamp order."""
+    stamped(node)
     conn = sqlite3.connect(node.db_path, timeout=10)
     try:
         row = conn.execute(
@@ -167,6 +183,7 @@ def clock_moves_on(*nodes: NodeProcess) -> None:
     next write anywhere is the newest by the timestamp order (one host, one clock)."""
     newest = 0
     for node in nodes:
+        stamped(node)
         conn = sqlite3.connect(node.db_path, timeout=10)
         try:
             (stamp,) = conn.execute("SELECT hlc FROM _repl_clock").fetchone()
