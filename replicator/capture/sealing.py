@@ -27,50 +27,75 @@ __all__ = ["SEALED_END_SQL", "pending_keys", "seal_pending", "unsealed"]
 SEALED_END_SQL = "(SELECT log_seq FROM _repl_clock WHERE id = 1)"
 """The last position whose entry carries its stamps (senders read through it)."""
 
-_STAMP = """
-WITH c AS (SELECT hlc AS h0, local_seq AS s0, log_seq AS p0 FROM _repl_clock WHERE id = 1),
-batch AS (
-    SELECT l.seq, l.tbl, l.pk, l.hlc AS wall, l.origin_node AS node, l.origin_inc AS inc,
-           ROW_NUMBER() OVER (ORDER BY l.seq) AS n,
-           ROW_NUMBER() OVER (PARTITION BY l.tbl, l.pk ORDER BY l.seq) AS k
-    FROM _repl_log AS l, c
-    WHERE l.seq > c.p0 AND l.seq <= :through AND l.origin_seq = 0 AND l.op != 0
-),
-stamped AS (
-    SELECT b.seq, b.tbl, b.pk, b.node, b.inc, b.n, b.k, c.s0 + b.n AS origin_seq,
-           b.n + MAX(c.h0, MAX(b.wall - b.n) OVER (ORDER BY b.seq)) AS hlc
-    FROM batch AS b, c
-),
-versioned AS (
-    SELECT s.seq, s.origin_seq, s.hlc, s.k,
-           COALESCE(m.generation, 0) + s.k AS generation,
-           LAG(s.hlc) OVER key_order AS before_hlc,
-           LAG(s.node) OVER key_order AS before_node,
-           LAG(s.inc) OVER key_order AS before_inc,
-           m.hlc AS meta_hlc, m.node AS meta_node, m.inc AS meta_inc,
-           m.generation AS meta_gen
-    FROM stamped AS s LEFT JOIN _repl_rowmeta AS m ON m.tbl = s.tbl AND m.pk = s.pk
-    WINDOW key_order AS (PARTITION BY s.tbl, s.pk ORDER BY s.seq)
-)
-UPDATE _repl_log SET
-    origin_seq = v.origin_seq, hlc = v.hlc, generation = v.generation,
-    prev_hlc = CASE WHEN v.k = 1 THEN v.meta_hlc ELSE v.before_hlc END,
-    prev_node = CASE WHEN v.k = 1 THEN v.meta_node ELSE v.before_node END,
-    prev_inc = CASE WHEN v.k = 1 THEN v.meta_inc ELSE v.before_inc END,
-    prev_gen = CASE WHEN v.k = 1 THEN v.meta_gen ELSE v.generation - 1 END
-FROM versioned AS v WHERE _repl_log.seq = v.seq
+# The batch is staged in a TEMP table (n = its place in the batch), stamped there, then copied
+# onto the log and into `_repl_rowmeta`: a few passes of plain scans, where one statement of
+# chained window functions sorted the batch four times (about 3x slower).
+_STAGE_TABLE = """
+CREATE TEMP TABLE IF NOT EXISTS seal_batch (
+    n INTEGER PRIMARY KEY, seq INTEGER NOT NULL, tbl TEXT, pk TEXT,
+    wall INTEGER NOT NULL, node TEXT, inc INTEGER, hlc INTEGER,
+    k INTEGER NOT NULL DEFAULT 1, last INTEGER NOT NULL DEFAULT 1,
+    before_hlc INTEGER, before_node TEXT, before_inc INTEGER)
 """
+_STAGE_INDEX = "CREATE INDEX IF NOT EXISTS temp.seal_batch_key ON seal_batch (tbl, pk, n)"
 
+# Every position after the sealed end is a trigger's (the usual case: triggers take the next
+# position, and every other writer seals first): n is the distance from the sealed end, so the
+# running maximum needs no numbering pass.
+_STAGE_CONTIGUOUS = """
+INSERT INTO temp.seal_batch (n, seq, tbl, pk, wall, node, inc, hlc)
+SELECT l.seq - c.log_seq, l.seq, l.tbl, l.pk, l.hlc, l.origin_node, l.origin_inc,
+       l.seq - c.log_seq + MAX(c.hlc, MAX(l.hlc - l.seq + c.log_seq) OVER (ORDER BY l.seq))
+FROM _repl_log AS l, _repl_clock AS c
+WHERE c.id = 1 AND l.seq > c.log_seq AND l.seq <= :through
+"""
+# Otherwise (entries no trigger wrote, in a damaged file) the trigger entries are numbered.
+_STAGE_NUMBERED = """
+INSERT INTO temp.seal_batch (n, seq, tbl, pk, wall, node, inc)
+SELECT ROW_NUMBER() OVER (ORDER BY l.seq), l.seq, l.tbl, l.pk, l.hlc, l.origin_node,
+       l.origin_inc
+FROM _repl_log AS l, _repl_clock AS c
+WHERE c.id = 1 AND l.seq > c.log_seq AND l.seq <= :through AND l.origin_seq = 0 AND l.op != 0
+"""
+_STAMP_NUMBERED = """
+UPDATE temp.seal_batch SET hlc = w.hlc
+FROM (SELECT b.n, b.n + MAX(c.hlc, MAX(b.wall - b.n) OVER (ORDER BY b.n)) AS hlc
+      FROM temp.seal_batch AS b, _repl_clock AS c WHERE c.id = 1) AS w
+WHERE seal_batch.n = w.n
+"""
+_REPEATS = "SELECT EXISTS (SELECT 1 FROM temp.seal_batch GROUP BY tbl, pk HAVING count(*) > 1)"
+# A key changed more than once in the batch: each later entry replaces the one before it.
+_CHAIN_REPEATS = """
+UPDATE temp.seal_batch SET k = r.k, last = r.last, before_hlc = r.before_hlc,
+    before_node = r.before_node, before_inc = r.before_inc
+FROM (SELECT b.n, ROW_NUMBER() OVER w AS k, LEAD(b.n) OVER w IS NULL AS last,
+             LAG(b.hlc) OVER w AS before_hlc, LAG(b.node) OVER w AS before_node,
+             LAG(b.inc) OVER w AS before_inc
+      FROM temp.seal_batch AS b
+      WHERE EXISTS (SELECT 1 FROM temp.seal_batch AS o
+                    WHERE o.tbl = b.tbl AND o.pk = b.pk AND o.n != b.n)
+      WINDOW w AS (PARTITION BY b.tbl, b.pk ORDER BY b.n)) AS r
+WHERE seal_batch.n = r.n
+"""
+# A key's first entry in the batch replaces the version `_repl_rowmeta` holds (if any).
+_STAMP_LOG = """
+UPDATE _repl_log SET
+    origin_seq = c.local_seq + b.n, hlc = b.hlc, generation = COALESCE(m.generation, 0) + b.k,
+    prev_hlc = CASE WHEN b.k = 1 THEN m.hlc ELSE b.before_hlc END,
+    prev_node = CASE WHEN b.k = 1 THEN m.node ELSE b.before_node END,
+    prev_inc = CASE WHEN b.k = 1 THEN m.inc ELSE b.before_inc END,
+    prev_gen = CASE WHEN b.k = 1 THEN m.generation ELSE COALESCE(m.generation, 0) + b.k - 1 END
+FROM temp.seal_batch AS b JOIN _repl_clock AS c ON c.id = 1
+     LEFT JOIN _repl_rowmeta AS m ON m.tbl = b.tbl AND m.pk = b.pk
+WHERE _repl_log.seq = b.seq
+"""
 _VERSIONS = """
 INSERT INTO _repl_rowmeta (tbl, pk, hlc, node, inc, generation, deleted,
                            prev_hlc, prev_node, prev_inc, prev_gen, hash, seq)
 SELECT l.tbl, l.pk, l.hlc, l.origin_node, l.origin_inc, l.generation, l.op = 3,
        l.prev_hlc, l.prev_node, l.prev_inc, l.prev_gen, NULL, l.origin_seq
-FROM _repl_log AS l
-WHERE l.seq IN (
-    SELECT MAX(seq) FROM _repl_log
-    WHERE seq > ? AND seq <= ? AND op != 0 AND tbl IS NOT NULL GROUP BY tbl, pk
-)
+FROM temp.seal_batch AS b JOIN _repl_log AS l ON l.seq = b.seq
+WHERE b.last
 ON CONFLICT (tbl, pk) DO UPDATE SET
     hlc = excluded.hlc, node = excluded.node, inc = excluded.inc,
     generation = excluded.generation, deleted = excluded.deleted,
@@ -111,12 +136,28 @@ def seal_pending(conn: sqlite3.Connection, through: int | None = None) -> int:
         (sealed, end),
     ).fetchone()
     if count:
-        conn.execute(_STAMP, {"through": end})
-        conn.execute(_VERSIONS, (sealed, end))
+        _stamp(conn, end, contiguous=count == end - sealed)
     # Anything else past the sealed end was not a trigger's (a damaged file): left as it is,
     # for validation to judge.
     conn.execute(_CLOCK, (stamped or 0, count, end))
     return int(count)
+
+
+def _stamp(conn: sqlite3.Connection, through: int, *, contiguous: bool) -> None:
+    conn.execute(_STAGE_TABLE)
+    conn.execute(_STAGE_INDEX)
+    conn.execute("DELETE FROM temp.seal_batch")
+    if contiguous:
+        conn.execute(_STAGE_CONTIGUOUS, {"through": through})
+    else:
+        conn.execute(_STAGE_NUMBERED, {"through": through})
+        conn.execute(_STAMP_NUMBERED)
+    (repeats,) = conn.execute(_REPEATS).fetchone()
+    if repeats:
+        conn.execute(_CHAIN_REPEATS)
+    conn.execute(_STAMP_LOG)
+    conn.execute(_VERSIONS)
+    conn.execute("DELETE FROM temp.seal_batch")
 
 
 def pending_keys(conn: sqlite3.Connection) -> set[tuple[str, str]]:

@@ -82,13 +82,14 @@ def reference(clock: int, walls: list[int], keys: list[str], generations: dict[s
     return out
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     st.lists(
         st.tuples(
             st.integers(0, 5),  # wall: a few ms either way, so both rules of tick matter
             st.sampled_from(["a", "b", "c"]),
             st.sampled_from([OP_INSERT, OP_UPDATE, OP_DELETE]),
+            st.sampled_from([False, False, False, True]),  # an entry no trigger wrote first
         ),
         min_size=1,
         max_size=40,
@@ -96,27 +97,50 @@ def reference(clock: int, walls: list[int], keys: list[str], generations: dict[s
     st.integers(0, 1),
 )
 def test_sealing_in_batches_gives_the_stamps_of_the_tick_rule(
-    tmp_path_factory: object, writes: list[tuple[int, str, int]], split: int
+    tmp_path_factory: object, writes: list[tuple[int, str, int, bool]], split: int
 ) -> None:
+    """Whether the log holds only the triggers' entries (the usual case) or also entries no
+    trigger wrote (a damaged file: they keep what they hold and take no stamp)."""
     path = tmp_path_factory.mktemp("seal") / "s.db"  # type: ignore[attr-defined]
     store = open_store(path)
     base = hlc.wall_clock_ms()
     start = store.clock().hlc
     cut = len(writes) // 2 if split else len(writes)
+    append = (
+        "INSERT INTO _repl_log (seq, origin_node, origin_inc, origin_seq, op, tbl, pk, hlc)"
+        " SELECT (SELECT COALESCE(MAX(seq), 0) + 1 FROM _repl_log), ?, ?, ?, ?, ?, ?, ?"
+        " FROM _repl_clock"
+    )
+    origin = (store.clock().origin.node_id, store.clock().origin.incarnation)
     for batch in (writes[:cut], writes[cut:]):
-        for wall, key, op in batch:
+        for wall, key, op, foreign in batch:
+            if foreign:
+                store.conn.execute(append, ("peer", 1, 9, 0, None, None, 0))
             store.conn.execute(
-                "INSERT INTO _repl_log (seq, origin_node, origin_inc, origin_seq, op, tbl, pk,"
-                " hlc) SELECT (SELECT COALESCE(MAX(seq), 0) + 1 FROM _repl_log), node_id,"
-                " incarnation, 0, ?, 'leases', ?, ? FROM _repl_clock",
-                (op, f"'{key}'", hlc.pack(base + wall)),
+                append, (*origin, 0, op, "leases", f"'{key}'", hlc.pack(base + wall))
             )
         store.seal()
     expected = reference(
-        start, [base + wall for wall, _, _ in writes], [key for _, key, _ in writes], {}
+        start, [base + wall for wall, _, _, _ in writes], [key for _, key, _, _ in writes], {}
     )
-    got = [(e[2], e[3], e[4]) for e in log(store.conn)]
-    assert got == expected
+    ours = store.conn.execute(
+        "SELECT origin_seq, hlc, generation, prev_hlc FROM _repl_log WHERE tbl IS NOT NULL"
+        " ORDER BY seq"
+    ).fetchall()
+    assert [e[1:] for e in ours] == expected
+    assert [e[0] for e in ours] == list(range(1, len(writes) + 1))
+    foreign = store.conn.execute("SELECT origin_seq, hlc FROM _repl_log WHERE tbl IS NULL")
+    assert set(foreign) <= {(9, 0)}  # left as they were
+    last = {key: (stamp, generation) for (stamp, generation, _), (_, key, _, _)
+            in zip(expected, writes, strict=True)}  # fmt: skip
+    versions = {
+        key.strip("'"): (stamp, generation)
+        for key, stamp, generation in store.conn.execute(
+            "SELECT pk, hlc, generation FROM _repl_rowmeta"
+        )
+    }
+    assert versions == last
+    assert store.clock().local_seq == len(writes)
 
 
 def test_a_huge_transaction_is_stamped_in_short_transactions(
