@@ -8,6 +8,7 @@ from protocol.crypto import PROTOCOL_VERSION, Keyring, key_id, stretch_passphras
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.messages import (
     BUCKETS,
+    MAX_REPAIR_KEYS,
     WITHHELD,
     Ack,
     Change,
@@ -43,6 +44,7 @@ from protocol.session import (
 
 __all__ = [
     "BUCKETS",
+    "MAX_REPAIR_KEYS",
     "PROTOCOL_VERSION",
     "WITHHELD",
     "Ack",

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Self
 from protocol.checks import (
     INT64_MAX,
     INT64_MIN,
+    MAX_TEXT_LENGTH,
     SqlValue,
     want_bytes,
     want_int,
@@ -33,6 +34,7 @@ from protocol.errors import RemoteProtocolError
 
 __all__ = [
     "BUCKETS",
+    "MAX_REPAIR_KEYS",
     "MESSAGE_TYPES",
     "Ack",
     "Change",
@@ -239,8 +241,26 @@ def _checksums_from_wire(value: Any, what: str, max_len: int = MAX_CHECKSUM) -> 
     }
 
 
-def _fields(value: Any, cls: type, count: int) -> list[Any]:
-    return want_list(value, cls.__name__, min_len=count, max_len=count)
+def _fields(value: Any, cls: type, count: int, optional: int = 0) -> list[Any]:
+    """The message's fields; the last ``optional`` may be absent (None then): senders that
+    predate them leave them out."""
+    fields = want_list(value, cls.__name__, min_len=count - optional, max_len=count)
+    return fields + [None] * (count - len(fields))
+
+
+def _keys_from_wire(value: Any, what: str) -> dict[str, tuple[str, ...]]:
+    """Per table, stored keys a repair names (absent: none)."""
+    if value is None:
+        return {}
+    if type(value) is not dict or len(value) > MAX_TABLES:
+        raise RemoteProtocolError(f"{what}: expected a map of at most {MAX_TABLES} tables")
+    return {
+        want_name(table, f"{what} table"): tuple(
+            want_str(key, f"{what} key", max_len=MAX_TEXT_LENGTH)
+            for key in want_list(keys, what, max_len=MAX_REPAIR_KEYS)
+        )
+        for table, keys in value.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,9 +539,12 @@ class SnapshotBegin:
     ranges: Mapping[str, bytes] = field(default_factory=dict)
     """A repair: per table, a bitmap of the key buckets carried (absent: the whole table). A
     snapshot with ranges mends rows and leaves the receiver's version vector alone."""
+    keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """A repair of named rows: per table, the stored keys carried (the rows the asker named;
+    its other rows are not in question). Like ranges, it mends and leaves the vector alone."""
 
     def to_wire(self) -> list[Any]:
-        return [
+        wire = [
             self.snapshot_id,
             _vector_to_wire(self.version_vector),
             [
@@ -530,10 +553,13 @@ class SnapshotBegin:
             ],
             dict(self.ranges),
         ]
+        if self.keys:
+            wire.append({table: list(keys) for table, keys in self.keys.items()})
+        return wire
 
     @classmethod
     def from_wire(cls, value: Any) -> Self:
-        snapshot_id, vector, tables, ranges = _fields(value, cls, 4)
+        snapshot_id, vector, tables, ranges, keys = _fields(value, cls, 5, optional=1)
         parsed = []
         for entry in want_list(tables, "SnapshotBegin tables", max_len=MAX_TABLES):
             name, columns, primary_key, row_count, max_bytes = want_list(
@@ -553,6 +579,7 @@ class SnapshotBegin:
             _vector_from_wire(vector, "SnapshotBegin version vector"),
             tuple(parsed),
             _checksums_from_wire(ranges, "SnapshotBegin ranges", max_len=BUCKETS // 8),
+            _keys_from_wire(keys, "SnapshotBegin keys"),
         )
 
 
@@ -795,13 +822,19 @@ class SnapshotRequest:
     buckets: Mapping[str, bytes] = field(default_factory=dict)
     """A repair: per table, the asker's checksum of each key bucket (BUCKETS x 16 bytes);
     the peer sends only the rows of buckets whose checksum differs from its own."""
+    keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """A repair of rows the asker knows are wrong (edited behind replication's back): per
+    table, their stored keys; the peer sends exactly those rows (or their tombstones)."""
 
     def to_wire(self) -> list[Any]:
-        return [list(self.tables), self.reason, dict(self.buckets)]
+        wire = [list(self.tables), self.reason, dict(self.buckets)]
+        if self.keys:
+            wire.append({table: list(keys) for table, keys in self.keys.items()})
+        return wire
 
     @classmethod
     def from_wire(cls, value: Any) -> Self:
-        tables, reason, buckets = _fields(value, cls, 3)
+        tables, reason, buckets, keys = _fields(value, cls, 4, optional=1)
         parsed = _checksums_from_wire(
             buckets, "SnapshotRequest buckets", max_len=BUCKETS * BUCKET_CHECKSUM
         )
@@ -811,6 +844,7 @@ class SnapshotRequest:
             _names_from_wire(tables, "SnapshotRequest table"),
             want_str(reason, "SnapshotRequest reason"),
             parsed,
+            _keys_from_wire(keys, "SnapshotRequest keys"),
         )
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import trio
 
-from protocol import Origin
+from protocol import MAX_REPAIR_KEYS, Origin
 from replicator.capture.store import Store
 from replicator.capture.transactions import read_transaction, write_transaction
 from replicator.log import get_logger
@@ -99,8 +99,14 @@ class DivergenceWatch:
                          rows=count, tables=sorted(found))  # fmt: skip
         if not checksums.pending:  # else they are not the vector's: compare the next pass
             self._resync.checksums = checksums
-        unmended = sorted(name for name, check in checksums.tables.items()
-                          if check.tampered or check.missing or check.marked)  # fmt: skip
-        if unmended:
-            trio.from_thread.run(self._resync.repair_tampered, unmended)
+        wrong = {
+            name: tuple(sorted({*check.tampered, *check.missing, *check.marked}))
+            for name, check in checksums.tables.items()
+            if check.tampered or check.missing or check.marked
+        }
+        if wrong:
+            # The rows are known: the peer is asked for exactly those, unless so many that
+            # whole buckets cost less to name.
+            named = {name: keys for name, keys in wrong.items() if len(keys) <= MAX_REPAIR_KEYS}
+            trio.from_thread.run(self._resync.repair_tampered, sorted(wrong), named)
         return hashed_through

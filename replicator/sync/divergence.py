@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +151,47 @@ def versioned_rows(
             version = unknown if stamp is None else RowVersion(stamp, Origin(node, inc), generation)
             pk = tuple(record[i] for i in key_positions)
             yield key, SnapshotRow(pk, values, version, seq or 0), recorded
+
+
+def versioned_rows_at(
+    conn: sqlite3.Connection, info: TableInfo, fallback: Origin, keys: Iterable[str]
+) -> Iterator[tuple[str, SnapshotRow, bytes | None]]:
+    """As `versioned_rows`, for the rows under these stored keys only (those present), each
+    found by its primary key: a repair of a few rows reads only them."""
+    columns = info.columns
+    names = ", ".join(f"t.{quote_identifier(c)}" for c in columns)
+    select = (
+        f"SELECT {names}, m.hlc, m.node, m.inc, m.generation, m.seq, m.hash"
+        f" FROM {quote_identifier(info.name)} AS t LEFT JOIN _repl_rowmeta AS m"
+        " ON m.tbl = ? AND m.pk = ? WHERE "
+    )
+    by_key = select + " AND ".join(f"t.{quote_identifier(c)} IS ?" for c in info.primary_key)
+    # A real's printed form may not be its exact double: such keys are matched as printed.
+    by_printed = select + f"{key_sql('t', info.primary_key)} = ?"
+    key_positions = [columns.index(c) for c in info.primary_key]
+    width = len(columns)
+    unknown = RowVersion(0, fallback, 0)
+    for key in keys:
+        try:
+            pk = parse_key(key)
+        except (ValueError, IndexError):
+            continue  # not a key at all (the asker's mistake): nothing here answers it
+        if len(pk) != len(info.primary_key):
+            continue  # not a key of this table
+        if any(type(value) is float for value in pk):
+            record = conn.execute(by_printed, (info.name, key, key)).fetchone()
+        else:
+            record = conn.execute(by_key, (info.name, key, *pk)).fetchone()
+        if record is None:
+            continue
+        values = dict(zip(columns, record[:width], strict=True))
+        stamp, node, inc, generation, seq, recorded = record[width:]
+        version = unknown if stamp is None else RowVersion(stamp, Origin(node, inc), generation)
+        yield (
+            key,
+            SnapshotRow(tuple(record[i] for i in key_positions), values, version, seq or 0),
+            recorded,
+        )
 
 
 def compute(

@@ -135,9 +135,11 @@ class Snapshots(Protocol):
         peer: str,
         reason: str,
         repair: Mapping[str, bytes],
+        keys: Mapping[str, tuple[str, ...]] | None = None,
     ) -> tuple[int, dict[Origin, int]]:
-        """Stream a snapshot (only the differing buckets of ``repair``'s tables, if any);
-        returns the log position and vector it corresponds to."""
+        """Stream a snapshot (only the differing buckets of ``repair``'s tables, if any, and
+        only the rows ``keys`` names of its tables); returns the log position and vector it
+        corresponds to."""
 
     async def begin(self, peer: str, message: SnapshotBegin) -> None: ...
 
@@ -195,7 +197,7 @@ class Link:
         self._alarms: MutableMapping[str, str] = {} if alarms is None else alarms
         self._faults = faults or Faults()
         self._snapshot_reason: str | None = None
-        self._repairs: list[tuple[str, Mapping[str, bytes]]] = []
+        self._repairs: list[tuple[str, Mapping[str, bytes], Mapping[str, tuple[str, ...]]]] = []
         self._pause = pause or PauseSwitch()
         self._owe_resend = False
         self._log = get_logger("link", **{KEY_PEER: hello.node_id})
@@ -280,9 +282,17 @@ class Link:
 
     # -- sending ---------------------------------------------------------------------------
 
-    async def ask_repair(self, reason: str, buckets: Mapping[str, bytes]) -> None:
-        """Ask the peer for the rows of the buckets whose checksums differ from ``buckets``."""
-        await self.connection.send(SnapshotRequest(tuple(buckets), reason, dict(buckets)))
+    async def ask_repair(
+        self,
+        reason: str,
+        buckets: Mapping[str, bytes],
+        keys: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        """Ask the peer for the rows of the buckets whose checksums differ from ``buckets``
+        (or, for the tables in ``keys``, for exactly those rows)."""
+        await self.connection.send(
+            SnapshotRequest(tuple(buckets), reason, dict(buckets), dict(keys or {}))
+        )
 
     async def pull(self, *, full: bool, reason: str) -> None:
         """Ask the peer for its whole state (a snapshot) or to stream its log again."""
@@ -330,10 +340,14 @@ class Link:
                 # say all there is to mend, so they go out as one.
                 reason = self._repairs[-1][0]
                 buckets: dict[str, bytes] = {}
-                for _, asked in self._repairs:
+                keys: dict[str, tuple[str, ...]] = {}
+                for _, asked, named in self._repairs:
                     buckets.update(asked)
+                    for table in asked:  # the newest ask of a table says what it lacks
+                        keys.pop(table, None)
+                    keys.update(named)
                 self._repairs.clear()
-                await self._snapshots.send(self.connection, self.peer, reason, buckets)
+                await self._snapshots.send(self.connection, self.peer, reason, buckets, keys)
             records, read_through = await self._read_log(position, self.settings.batch_size)
             if not records:
                 if read_through > position:
@@ -511,7 +525,7 @@ class Link:
                            tables=list(message.tables), repair=bool(message.buckets))  # fmt: skip
             if message.buckets:
                 self._repairs.append((f"repair asked by {self.peer}: {message.reason}",
-                                      message.buckets))  # fmt: skip
+                                      message.buckets, message.keys))  # fmt: skip
             else:
                 self.request_snapshot(f"requested by {self.peer}: {message.reason}")
         elif isinstance(message, SnapshotBegin):

@@ -107,6 +107,7 @@ class Resync:
         peer: str,
         reason: str,
         repair: Mapping[str, bytes],
+        keys: Mapping[str, tuple[str, ...]] | None = None,
     ) -> tuple[int, dict[Origin, int]]:
         progress = SnapshotProgress(peer, "sending", reason)
         self.progress[peer, "sending"] = progress
@@ -117,6 +118,7 @@ class Resync:
             repair,
             self._view(),
             known=self.checksums if repair else None,
+            keys=keys,
         )
         _log.info("sending a snapshot", reason=reason, **{KEY_PEER: peer})
         try:
@@ -277,8 +279,11 @@ class Resync:
         mine = self.checksums
         return seen is not None and mine is not None and seen[0] == _nonzero(mine.vector)
 
-    async def repair_tampered(self, tables: list[str]) -> None:
-        """Rows here were edited behind replication's back: ask a connected peer for them."""
+    async def repair_tampered(
+        self, tables: list[str], keys: Mapping[str, tuple[str, ...]] | None = None
+    ) -> None:
+        """Rows here were edited behind replication's back: ask a connected peer for them
+        (for exactly the rows ``keys`` names, where it names them: no whole buckets)."""
         mine = self.checksums
         if mine is None or not self._links:
             return
@@ -292,7 +297,8 @@ class Resync:
             self._asked[peer, table] = now
         self.repairs_requested += 1
         buckets = {table: mine.tables[table].bucket_bytes() for table in tables}
-        await self._links[peer].ask_repair("rows edited behind replication's back", buckets)
+        named = {table: keys[table] for table in tables if keys and table in keys}
+        await self._links[peer].ask_repair("rows edited behind replication's back", buckets, named)
 
     def divergence_report(self) -> dict[str, Any]:
         mine = self.checksums

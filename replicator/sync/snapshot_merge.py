@@ -42,6 +42,7 @@ from replicator.sync.divergence import (
     content_hash,
     fold,
     key_bucket,
+    versioned_rows_at,
 )
 from replicator.sync.filters import RowFilter
 from replicator.sync.snapshot import (
@@ -111,7 +112,11 @@ class SnapshotMerge:
         self.staged_rows: dict[str, int] = {}
         self.staged_bytes: dict[str, int] = {}
         self.ranges = {name: bitmap_buckets(bitmap) for name, bitmap in begin.ranges.items()}
-        self.partial = bool(begin.ranges)  # a repair: rows mended, the vector left alone
+        # A repair of named rows: per table, the keys carried (the other rows are not swept).
+        self.named = {name: frozenset(keys) for name, keys in begin.keys.items()}
+        self._named_seen: dict[str, set[str]] = {}
+        # A repair: rows mended, the vector left alone.
+        self.partial = bool(begin.ranges) or bool(begin.keys)
         self.checksums: dict[str, int] = {}
         self.rows = 0
         self.written = 0
@@ -230,7 +235,9 @@ class SnapshotMerge:
         live = [(key, row) for key, row, _ in keyed if row.values is not None]
         with self._transaction() as conn:
             self._merge(conn, info, keyed)
-            if live:
+            if table in self.named:
+                self._named_seen.setdefault(table, set()).update(key for key, _ in live)
+            elif live:
                 self._sweep(conn, info, self._last_live.get(table), live[-1][1].pk,
                             {key for key, _ in live})  # fmt: skip
                 self._last_live[table] = live[-1][1].pk
@@ -362,6 +369,9 @@ class SnapshotMerge:
             return
         self._live_done.add(table)
         info = self.applier.store.tables[table]
+        if table in self.named:
+            self._sweep_named(info)
+            return
         after = self._last_live.get(table)
         if self._in_sql(table):
             self._sweep_rest_in_sql(info, after)
@@ -372,6 +382,26 @@ class SnapshotMerge:
             if looked < CHUNK_ROWS:
                 return
             after = last
+
+    def _sweep_named(self, info: TableInfo) -> None:
+        """A repair of named rows: delete those the sender sent nothing for (no row, no
+        tombstone) if it had seen their version; only the named rows are looked at."""
+        named = self.named[info.name]
+        absent = named - self._named_seen.get(info.name, set())
+        absent -= self._protected.get(info.name, set())
+        if not absent:
+            return
+        own = self.applier.store.clock().origin
+        with self._transaction() as conn:
+            for key, row, _ in list(versioned_rows_at(conn, info, own, sorted(absent))):
+                if not row.seq or row.seq > self.vector.get(row.version.origin, 0):
+                    continue  # no version recorded, or one the sender never saw: kept
+                shared = self.view is None or self.view.shares(info.name, dict(row.values or {}))
+                if not shared:
+                    continue  # not shared: the sender never had it to send
+                conn.execute(delete_sql(info), row.pk)
+                conn.execute("DELETE FROM _repl_rowmeta WHERE tbl = ? AND pk = ?", (info.name, key))
+                self.removed += 1
 
     # -- the merge in SQL ------------------------------------------------------------------
     #

@@ -38,6 +38,7 @@ from replicator.sync.divergence import (
     fold,
     key_bucket,
     versioned_rows,
+    versioned_rows_at,
 )
 from replicator.sync.filters import RowFilter
 from replicator.sync.snapshot import (
@@ -72,9 +73,11 @@ class SnapshotSource:
         repair: Mapping[str, bytes] | None = None,
         view: RowFilter | None = None,
         known: Checksums | None = None,
+        keys: Mapping[str, tuple[str, ...]] | None = None,
     ):
         """``repair``: per table, the asker's bucket checksums; only the rows of buckets that
-        differ from this node's are sent (a repair), and only of those tables."""
+        differ from this node's are sent (a repair), and only of those tables. ``keys``: per
+        repaired table, the rows the asker named: exactly those are sent (no buckets)."""
         self.settings = settings
         self.tables = dict(tables) if not repair else {t: tables[t] for t in repair if t in tables}
         self.ident = ident
@@ -82,6 +85,7 @@ class SnapshotSource:
         self.view = view  # filters and transformations: peers get only what they share
         self.known = known  # this node's last checksum pass: reused if still at this vector
         self.ranges: dict[str, set[int]] = {}
+        self.named = {t: frozenset(k) for t, k in (keys or {}).items() if t in self.tables}
         self.path = f"{settings.path}.snapshot-{ident}"
         self._conn: sqlite3.Connection | None = None
         self._live = False
@@ -120,7 +124,8 @@ class SnapshotSource:
             progress[self.origin] = local_seq
         self.vector = progress
         self.log_position = log_end(conn)
-        if self.repair:
+        bucketed = {name: theirs for name, theirs in self.repair.items() if name not in self.named}
+        if bucketed:
             known = self.known
             if (
                 known is not None
@@ -131,7 +136,7 @@ class SnapshotSource:
             else:
                 mine = compute(conn, self.tables, self.vector, self.origin, self.view).tables
             self.ranges = {
-                name: mine[name].differing(theirs) for name, theirs in self.repair.items()
+                name: mine[name].differing(theirs) for name, theirs in bucketed.items()
                 if name in mine
             }  # fmt: skip
         (pages,) = conn.execute("PRAGMA page_count").fetchone()
@@ -146,7 +151,8 @@ class SnapshotSource:
             bound = declared_bytes(info, rows, pages * page_size)
             described.append(SnapshotTable(name, info.columns, info.primary_key, rows, bound))
         ranges = {name: bucket_bitmap(buckets) for name, buckets in self.ranges.items()}
-        return SnapshotBegin(self.ident, dict(self.vector), tuple(described), ranges)
+        named = {name: tuple(sorted(keys)) for name, keys in self.named.items()}
+        return SnapshotBegin(self.ident, dict(self.vector), tuple(described), ranges, named)
 
     def chunks(self) -> Iterator[SnapshotColumns]:
         """Every table's withheld rows, live rows, then tombstones, in chunks of rows and
@@ -293,16 +299,27 @@ class SnapshotSource:
             version = RowVersion(stamp, Origin(node, inc), generation)
             yield key, SnapshotRow(parse_key(key), None, version, WITHHELD)
 
+    def _wants(self, name: str, key: str) -> bool:
+        """Whether a repair carries this row (a whole snapshot carries every row)."""
+        named = self.named.get(name)
+        if named is not None:
+            return key in named
+        wanted = self.ranges.get(name)
+        return wanted is None or key_bucket(name, key) in wanted
+
     def _rows_of(self, name: str) -> Iterator[SnapshotRow]:
         assert self._conn is not None
         assert self.origin is not None
-        wanted = self.ranges.get(name)
         for key, row in self._withheld(name):
-            if wanted is None or key_bucket(name, key) in wanted:
+            if self._wants(name, key):
                 yield row
-        for stored_key, stored, recorded in versioned_rows(
-            self._conn, self.tables[name], self.origin
-        ):
+        named = self.named.get(name)
+        if named is not None and self.view is None:
+            # A few named rows: read just those (a view may rename keys: then scan).
+            rows = versioned_rows_at(self._conn, self.tables[name], self.origin, sorted(named))
+        else:
+            rows = versioned_rows(self._conn, self.tables[name], self.origin)
+        for stored_key, stored, recorded in rows:
             key, row = stored_key, stored
             if recorded == TAMPERED:
                 continue  # named up front by _withheld
@@ -311,7 +328,7 @@ class SnapshotSource:
                 if shared is None:
                     continue
                 row = shared
-            if wanted is not None and key_bucket(name, key) not in wanted:
+            if not self._wants(name, key):
                 continue
             yield row
         cursor = self._conn.execute(
@@ -321,7 +338,7 @@ class SnapshotSource:
         )
         while fetched := cursor.fetchmany(CHUNK_ROWS):
             for key, stamp, node, inc, generation, seq in fetched:
-                if wanted is not None and key_bucket(name, key) not in wanted:
+                if not self._wants(name, key):
                     continue
                 version = RowVersion(stamp, Origin(node, inc), generation)
                 yield SnapshotRow(parse_key(key), None, version, seq or 0)

@@ -1,5 +1,5 @@
 """Divergence: checksums nodes can compare, rows edited behind replication's back found, and
-repairs that carry only the buckets that differ."""
+repairs that carry only the buckets that differ, or only the rows the asker names."""
 
 from __future__ import annotations
 
@@ -40,10 +40,14 @@ def behind_replications_back(node: SimNode, sql: str) -> None:
         node.app.execute("DELETE FROM _repl_applying")
 
 
-def repair(source: SimNode, target: SimNode) -> SnapshotSource:
-    """``target`` asks ``source`` for the buckets of ``leases`` that differ."""
+def repair(source: SimNode, target: SimNode, keys: list[str] | None = None) -> SnapshotSource:
+    """``target`` asks ``source`` for the buckets of ``leases`` that differ (or for the rows
+    under ``keys``)."""
     asked = {"leases": checksums(target).tables["leases"].bucket_bytes()}
-    snapshot = SnapshotSource(source.store.settings, source.store.tables, 7, repair=asked)
+    named = None if keys is None else {"leases": tuple(keys)}
+    snapshot = SnapshotSource(
+        source.store.settings, source.store.tables, 7, repair=asked, keys=named
+    )
     try:
         merge = SnapshotMerge(target.applier, snapshot.open(), source.name)
         for chunk in snapshot.chunks():
@@ -137,3 +141,61 @@ def test_a_node_with_edited_rows_never_makes_its_peer_lose_them(tmp_path: Path) 
     assert a.rows("leases") == good
     repair(a, b)
     assert b.rows("leases") == good
+
+
+def test_a_repair_of_named_rows_carries_exactly_those_rows(tmp_path: Path) -> None:
+    """The asker knows which of its rows are wrong (edited, deleted behind replication's
+    back): the peer sends those rows and nothing else, and they come back right."""
+    a, b = nodes(tmp_path, "a", "b")
+    fill(a, 2000)
+    sync_until_quiescent([a, b])
+    for node in (a, b):
+        record_hashes(node)
+    behind_replications_back(b, "UPDATE leases SET ip = '10.6.6.6' WHERE mac = 'm00007'")
+    behind_replications_back(b, "UPDATE leases SET ip = '10.6.6.7' WHERE mac = 'm00008'")
+    behind_replications_back(b, "DELETE FROM leases WHERE mac = 'm01234'")
+    check = checksums(b).tables["leases"]
+    wrong = check.tampered + check.missing
+    assert len(wrong) == 3
+    with b.store.conn:
+        divergence.mark_tampered(b.store.conn, "leases", wrong)
+    vector = b.vector()
+    snapshot = repair(a, b, wrong)
+    assert snapshot.end().row_count == 3  # not the 3 buckets around them
+    assert snapshot.ranges == {}
+    assert b.rows("leases") == a.rows("leases")
+    assert checksums(b).table_checksums() == checksums(a).table_checksums()
+    assert b.vector() == vector
+    assert checksums(b).tables["leases"].tampered == []
+
+
+def test_a_named_row_the_peer_no_longer_holds_goes_and_others_stay(tmp_path: Path) -> None:
+    """A named row the peer has neither as a row nor as a tombstone, though it saw its
+    version, was deleted there: it goes here too. A row the peer withholds (edited there
+    too) stays, and a name that is no key at all is ignored."""
+    a, b = nodes(tmp_path, "a", "b")
+    fill(a, 200)
+    sync_until_quiescent([a, b])
+    for node in (a, b):
+        record_hashes(node)
+    # On a, m00050 is gone with its tombstone collected; m00060 was edited there too.
+    behind_replications_back(a, "DELETE FROM leases WHERE mac = 'm00050'")
+    with a.store.conn:
+        a.store.conn.execute("DELETE FROM _repl_rowmeta WHERE pk = quote('m00050')")
+    behind_replications_back(a, "UPDATE leases SET ip = '10.9.9.9' WHERE mac = 'm00060'")
+    check = checksums(a).tables["leases"]
+    with a.store.conn:
+        divergence.mark_tampered(a.store.conn, "leases", check.tampered)
+    for mac in ("m00050", "m00060"):
+        behind_replications_back(b, f"UPDATE leases SET ip = '10.6.6.6' WHERE mac = '{mac}'")
+    check = checksums(b).tables["leases"]
+    with b.store.conn:
+        divergence.mark_tampered(b.store.conn, "leases", check.tampered)
+    before = b.rows("leases")
+    repair(a, b, [*check.tampered, "'unterminated", "X'zz'"])
+    after = b.rows("leases")
+    assert len(after) == len(before) - 1
+    assert "m00050" not in {row[0] for row in after}
+    assert [row for row in after if row[0] == "m00060"] == [
+        row for row in before if row[0] == "m00060"
+    ]  # withheld by a: b keeps its copy (still marked, for another peer to mend)

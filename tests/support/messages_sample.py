@@ -94,6 +94,13 @@ def every_message() -> list[Message]:
             (SnapshotTable("dhcp_leases", ("mac", "ip", "expires"), ("mac",), 2),),
             {"dhcp_leases": b"\x81" * 32},
         ),
+        SnapshotBegin(
+            6,
+            VECTOR,
+            (SnapshotTable("dhcp_leases", ("mac", "ip", "expires"), ("mac",), 1),),
+            {},
+            {"dhcp_leases": ("'02:00:00:00:00:07'",)},
+        ),
         SnapshotChunk(
             5,
             "dhcp_leases",
@@ -125,5 +132,11 @@ def every_message() -> list[Message]:
         Resend(VECTOR),
         SnapshotRequest(("dhcp_leases",), "operator asked for a full resync"),
         SnapshotRequest(("dhcp_leases",), "repair", {"dhcp_leases": b"\x01" * 256 * 16}),
+        SnapshotRequest(
+            ("dhcp_leases",),
+            "rows edited behind replication's back",
+            {"dhcp_leases": b"\x01" * 256 * 16},
+            {"dhcp_leases": ("'02:00:00:00:00:07'", "'02:00:00:00:00:08'")},
+        ),
         Goodbye("shutting down"),
     ]

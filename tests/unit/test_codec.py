@@ -18,6 +18,7 @@ from protocol import (
     Message,
     Origin,
     RemoteProtocolError,
+    SnapshotRequest,
 )
 from protocol.codec import FLAG_LZ4, Codec
 from protocol.errors import LocalProtocolError
@@ -209,6 +210,9 @@ REASONS = {
     "changes of another protocol version": f"version {PROTOCOL_VERSION + 1}",
     "changes body not msgpack": "FormatError",
     "skip with empty range": "is empty",
+    "repair naming keys of no table": "SnapshotRequest keys: expected a map",
+    "repair naming a key that is not text": "SnapshotRequest keys key: expected a string",
+    "repair naming too many keys": "SnapshotRequest keys: expected 0..65536 elements",
 }
 
 
@@ -287,6 +291,15 @@ HOSTILE_SHAPES = {
         Changes.TYPE, packed([PROTOCOL_VERSION, "n", 1, 1, body_checksum(b"\xc1"), b"\xc1"])
     ),
     "skip with empty range": _changes_plaintext([], [["a", 1, 5, 4]]),
+    "repair naming keys of no table": plaintext(
+        SnapshotRequest.TYPE, packed([["t"], "r", {}, ["'k'"]])
+    ),
+    "repair naming a key that is not text": plaintext(
+        SnapshotRequest.TYPE, packed([["t"], "r", {}, {"t": [7]}])
+    ),
+    "repair naming too many keys": plaintext(
+        SnapshotRequest.TYPE, packed([["t"], "r", {}, {"t": ["'k'"] * 65537}])
+    ),
 }
 
 
