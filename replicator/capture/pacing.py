@@ -4,10 +4,15 @@ application, and must never be the reason an application's write waits long.
 SQLite lets one writer in at a time and a waiting writer's busy handler retries on its own
 schedule (after 1, 2, 5, ... up to 100 ms between tries), so a node that commits back to back
 during a catch-up can starve the application for seconds although each of its transactions is
-short. The pacer sizes each apply to take about ``target`` seconds, and makes the next one
+short. While the application writes (another connection committed in the last ``quiet``
+seconds), the pacer sizes each apply to take about ``target`` seconds, and makes the next one
 wait until the lock has been free for ``rest`` times as long as it was held: the application
-then finds the lock free at most of its tries. It also keeps the hold times, so status and
-the benchmark can show the longest.
+then finds the lock free at most of its tries. While it does not, a node catching up holds
+the lock for ``quiet_target`` at a time with only a sliver of rest, and after every
+``quiet_run`` seconds of holding rests ``long_rest`` (longer than the busy handler's longest
+sleep): an application that starts writing then gets in within about ``quiet_run``, and its
+commit brings the short pieces back. The pacer also keeps the hold times, so status and the
+benchmark can show the longest.
 """
 
 from __future__ import annotations
@@ -31,25 +36,48 @@ class WritePacer:
         target: float = 0.005,
         rest: float = 0.5,
         *,
+        quiet: float = 2.0,
+        quiet_target: float = 0.02,
+        quiet_rest: float = 0.05,
+        quiet_run: float = 0.5,
+        long_rest: float = 0.12,
         smallest: int = 16,
         largest: int = 4000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.target = target
         self.rest = rest
+        self.quiet = quiet
+        self.quiet_target = quiet_target
+        self.quiet_rest = quiet_rest
+        self.quiet_run = quiet_run
+        self.long_rest = long_rest
         self._smallest = smallest
         self._largest = largest
         self._clock = clock
         self._per_entry = 50e-6  # seconds per applied entry, learnt as applies run
         self._free_at = 0.0
+        self._others_at = -quiet  # when another connection last committed (as far as seen)
+        self._run = 0.0  # seconds held since the last long rest (while quiet)
         self._holds: deque[float] = deque(maxlen=_KEPT)
         self._lock = threading.Lock()
         self.transactions = 0
         self.longest = 0.0
 
+    def others_wrote(self) -> None:
+        """Another connection committed since one of ours last did: the application writes."""
+        with self._lock:
+            self._others_at = self._clock()
+
+    def contended(self) -> bool:
+        """The application wrote in the last ``quiet`` seconds."""
+        return self._clock() - self._others_at < self.quiet
+
     def piece_size(self) -> int:
-        """Entries for the next transaction, so it holds the lock about ``target``."""
-        wanted = int(self.target / max(self._per_entry, 1e-7))
+        """Entries for the next transaction, so it holds the lock about ``target`` (or
+        ``quiet_target`` while the application does not write)."""
+        target = self.target if self.contended() else self.quiet_target
+        wanted = int(target / max(self._per_entry, 1e-7))
         return max(self._smallest, min(self._largest, wanted))
 
     def applied(self, entries: int, seconds: float) -> None:
@@ -63,7 +91,17 @@ class WritePacer:
             self._holds.append(seconds)
             self.transactions += 1
             self.longest = max(self.longest, seconds)
-            self._free_at = max(self._free_at, self._clock() + seconds * self.rest)
+            now = self._clock()
+            if now - self._others_at < self.quiet:
+                self._run = 0.0
+                rest = seconds * self.rest
+            else:
+                self._run += seconds
+                rest = seconds * self.quiet_rest
+                if self._run >= self.quiet_run:
+                    self._run = 0.0
+                    rest = self.long_rest
+            self._free_at = max(self._free_at, now + rest)
 
     async def wait_turn(self) -> None:
         """Before a write transaction: until the lock has rested long enough."""

@@ -130,8 +130,12 @@ class Store:
         self.origin = self.clock().origin
         # Told how long each write transaction held the lock (the node's pacer listens).
         self.hold_observer: Callable[[float], None] | None = None
+        # Told when another connection committed between two write transactions of this one
+        # (the pacer rests longer while the application writes).
+        self.others_observer: Callable[[], None] | None = None
         self.last_hold = 0.0  # seconds the last write transaction held the lock
         self._began = 0.0
+        self._seen_version: int | None = None
 
     @classmethod
     def open(cls, settings: StoreSettings, *, prepare: bool = True) -> Store:
@@ -161,6 +165,12 @@ class Store:
     def begin_immediate(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
         self._began = time.perf_counter()
+        if self.others_observer is not None:
+            # data_version moves only for other connections' commits.
+            version = self.data_version()
+            if self._seen_version is not None and version != self._seen_version:
+                self.others_observer()
+            self._seen_version = version
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")

@@ -397,6 +397,8 @@ class Node:
             )
 
         applier_store = self._open_store()
+        # Other connections' commits between two applies: the application is writing.
+        applier_store.others_observer = self.applying.pacer.others_wrote
         if self.applying.wal_mode:
             # Checkpoints (and their fsyncs) run in a background task, not in an apply.
             applier_store.conn.execute("PRAGMA wal_autocheckpoint = 0")
