@@ -28,6 +28,7 @@ from replicator.capture.bookkeeping import (
 from replicator.capture.migrations import migrate
 from replicator.capture.rows import decode_row, key_sql, pk_key, quote_identifier
 from replicator.capture.sealing import SEALED_END_SQL, seal_pending, unsealed
+from replicator.capture.sqlite_errors import is_locked
 from replicator.capture.tables import (
     OP_SKIP,
     SIZE_LIMIT_TRIGGER,
@@ -44,6 +45,8 @@ from replicator.log import KEY_TABLE, get_logger
 __all__ = ["ClockState", "LogRecord", "Store", "StoreSettings", "connect", "create_private"]
 
 _log = get_logger("store")
+LOCK_RETRY = 0.0005
+"""Seconds between a write transaction's tries for the lock (see `Store.begin_immediate`)."""
 SEAL_CHUNK = 20_000
 """Log positions stamped per write transaction by `Store.seal`."""
 _ALLOWED_PRAGMAS = frozenset(
@@ -163,7 +166,18 @@ class Store:
     # -- transactions ----------------------------------------------------------------------
 
     def begin_immediate(self) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
+        """BEGIN IMMEDIATE, waiting for the lock up to the connection's busy timeout by trying
+        again every `LOCK_RETRY` seconds. SQLite's own busy handler sleeps longer and longer
+        (up to 100 ms a try), so against an application committing thousands of times a
+        second the node's short transactions (stamping, applying) would find the lock taken
+        at each try and fall ever further behind; the node's own writes are bounded by the
+        application's (stamping) or spaced by the pacer (applying), so trying often takes
+        nothing from the application."""
+        (timeout_ms,) = self.conn.execute("PRAGMA busy_timeout").fetchone()
+        if not timeout_ms:  # on the event loop: fail at once if taken
+            self.conn.execute("BEGIN IMMEDIATE")
+        else:
+            self._begin_trying(int(timeout_ms) / 1000)
         self._began = time.perf_counter()
         if self.others_observer is not None:
             # data_version moves only for other connections' commits.
@@ -171,6 +185,21 @@ class Store:
             if self._seen_version is not None and version != self._seen_version:
                 self.others_observer()
             self._seen_version = version
+
+    def _begin_trying(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self.conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            while True:
+                try:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as error:
+                    if not is_locked(error) or time.monotonic() >= deadline:
+                        raise
+                time.sleep(LOCK_RETRY)
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout = {round(timeout * 1000)}")
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")
