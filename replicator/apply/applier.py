@@ -66,6 +66,7 @@ __all__ = [
 
 _log = get_logger("applier")
 QUARANTINE_LIMIT = 10_000
+_STATEMENTS_KEPT = 256  # write statements kept built, by table and shape of row
 
 
 @dataclass(slots=True)
@@ -139,6 +140,7 @@ class Applier:
         self.quarantine_limit = QUARANTINE_LIMIT
         self.quarantine_dropped = 0
         self._quarantine_room: int | None = None  # room left, counted once per apply
+        self._statements: dict[tuple[Any, ...], str] = {}
 
     def resolver_for(self, table: str) -> Resolver:
         return self.resolvers.get(table, self.default_resolver)
@@ -262,7 +264,10 @@ class Applier:
                 continue
             if origin in stopped:
                 continue
-            have = _take_skips(waiting, origin, progress, log_skips)
+            if waiting:
+                have = _take_skips(waiting, origin, progress, log_skips)
+            else:  # no skip markers in the batch (the usual case)
+                have = progress.setdefault(origin, 0)
             if change.seq <= have:
                 result.duplicates += 1
                 continue
@@ -379,7 +384,7 @@ class Applier:
         failed: set[tuple[str, str]] = set()
         for (_table, shape), members in groups.items():
             info = members[0].info
-            sql = delete_sql(info) if shape is None else upsert_sql(info, shape)
+            sql = self._write_sql(info, shape)
             params = [_params(member, shape) for member in members]
             try:
                 conn.executemany(sql, params)
@@ -396,6 +401,17 @@ class Applier:
                         self._quarantine(conn, member.change, member.key, reason, result)
         result.written = len(winners) - len(failed)
         return failed
+
+    def _write_sql(self, info: TableInfo, shape: tuple[str, ...] | None) -> str:
+        """The statement writing rows of this shape (None: deletes), built once per shape."""
+        cache_key = (info.name, info.columns, info.primary_key, shape)
+        sql = self._statements.get(cache_key)
+        if sql is None:
+            if len(self._statements) >= _STATEMENTS_KEPT:
+                self._statements.clear()  # shapes a peer invents cannot grow it without end
+            sql = delete_sql(info) if shape is None else upsert_sql(info, shape)
+            self._statements[cache_key] = sql
+        return sql
 
     def _quarantine(
         self,

@@ -7,12 +7,14 @@ during a catch-up can starve the application for seconds although each of its tr
 short. While the application writes (another connection committed in the last ``quiet``
 seconds), the pacer sizes each apply to take about ``target`` seconds, and makes the next one
 wait until the lock has been free for ``rest`` times as long as it was held: the application
-then finds the lock free at most of its tries. While it does not, a node catching up holds
-the lock for ``quiet_target`` at a time with only a sliver of rest, and after every
-``quiet_run`` seconds of holding rests ``long_rest`` (longer than the busy handler's longest
-sleep): an application that starts writing then gets in within about ``quiet_run``, and its
-commit brings the short pieces back. The pacer also keeps the hold times, so status and the
-benchmark can show the longest.
+then finds the lock free at most of its tries. While it does not, the node holds the lock for
+``quiet_target`` at a time with only a sliver of rest; if it holds it most of the time (a
+catch-up: each second free earns back ``idle_credit`` seconds held), then after ``quiet_run``
+seconds of holding it rests ``long_rest``, longer than the busy handler's longest sleep. An
+application that starts writing then gets in within about ``quiet_run`` (sooner when the node
+leaves gaps of its own, as in steady replication, where no long rest delays a batch), and
+its commit brings the short pieces back. The pacer also keeps the hold times, so status and
+the benchmark can show the longest.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class WritePacer:
         quiet_rest: float = 0.05,
         quiet_run: float = 0.5,
         long_rest: float = 0.12,
+        idle_credit: float = 4.0,
         smallest: int = 16,
         largest: int = 4000,
         clock: Callable[[], float] = time.monotonic,
@@ -52,13 +55,15 @@ class WritePacer:
         self.quiet_rest = quiet_rest
         self.quiet_run = quiet_run
         self.long_rest = long_rest
+        self.idle_credit = idle_credit
         self._smallest = smallest
         self._largest = largest
         self._clock = clock
         self._per_entry = 50e-6  # seconds per applied entry, learnt as applies run
         self._free_at = 0.0
         self._others_at = -quiet  # when another connection last committed (as far as seen)
-        self._run = 0.0  # seconds held since the last long rest (while quiet)
+        self._run = 0.0  # seconds held since the last long rest, less the credit of gaps
+        self._last_end: float | None = None  # when the last hold ended
         self._holds: deque[float] = deque(maxlen=_KEPT)
         self._lock = threading.Lock()
         self.transactions = 0
@@ -92,11 +97,13 @@ class WritePacer:
             self.transactions += 1
             self.longest = max(self.longest, seconds)
             now = self._clock()
+            gap = 0.0 if self._last_end is None else max(0.0, now - seconds - self._last_end)
+            self._last_end = now
             if now - self._others_at < self.quiet:
                 self._run = 0.0
                 rest = seconds * self.rest
             else:
-                self._run += seconds
+                self._run = max(0.0, self._run - gap * self.idle_credit) + seconds
                 rest = seconds * self.quiet_rest
                 if self._run >= self.quiet_run:
                     self._run = 0.0

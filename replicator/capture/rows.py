@@ -92,7 +92,11 @@ def decode_row(stored: str | bytes | None) -> dict[str, SqlValue] | None:
     if isinstance(stored, bytes):
         row: dict[str, SqlValue] = msgpack.unpackb(stored, raw=False)
         return row
-    return {column: _decode_value(value) for column, value in json.loads(stored).items()}
+    decoded: dict[str, Any] = json.loads(stored)
+    for column, value in decoded.items():
+        if type(value) is list:  # only tagged values need more than the JSON decoder
+            decoded[column] = _decode_value(value)
+    return decoded
 
 
 def encode_row(row: Mapping[str, SqlValue] | None) -> bytes | None:

@@ -285,12 +285,13 @@ class Store:
                 f"{columns} AND NOT (origin_node = ? AND origin_inc = ?) ORDER BY seq LIMIT ?",
                 (after, end, skip_origin.node_id, skip_origin.incarnation, limit),
             )
-        return [self._record(row) for row in rows.fetchall()]
+        origins: dict[tuple[str, int], Origin] = {}  # one object per origin in a batch
+        return [self._record(row, origins) for row in rows.fetchall()]
 
-    def _record(self, row: Sequence[Any]) -> LogRecord:
+    def _record(self, row: Sequence[Any], origins: dict[tuple[str, int], Origin]) -> LogRecord:
         (position, node, inc, origin_seq, op, table, key, new_row, old_row, stamp, generation,
          prev_hlc, prev_node, prev_inc, prev_gen, first_seq, resolves) = row  # fmt: skip
-        origin = Origin(node, inc)
+        origin = _interned(origins, node, inc)
         if op == OP_SKIP:
             return LogRecord(position, Skip(origin, first_seq, origin_seq))
         new = decode_row(new_row)
@@ -315,7 +316,7 @@ class Store:
                 version=RowVersion(stamp, origin, generation),
                 replaced=None
                 if prev_hlc is None
-                else RowVersion(prev_hlc, Origin(prev_node, prev_inc), prev_gen),
+                else RowVersion(prev_hlc, _interned(origins, prev_node, prev_inc), prev_gen),
                 resolves=resolves,
             ),
             size,
@@ -412,6 +413,13 @@ class Store:
             [(key,) for key in dict.fromkeys(keys)],
         )
         _log.info("recaptured rows written during a schema change", table=info.name, rows=len(keys))
+
+
+def _interned(origins: dict[tuple[str, int], Origin], node: str, inc: int) -> Origin:
+    origin = origins.get((node, inc))
+    if origin is None:
+        origin = origins[node, inc] = Origin(node, inc)
+    return origin
 
 
 def _stored_size(stored: str | bytes | None) -> int:
