@@ -199,7 +199,8 @@ class Store:
                         raise
                 time.sleep(LOCK_RETRY)
         finally:
-            self.conn.execute(f"PRAGMA busy_timeout = {round(timeout * 1000)}")
+            with contextlib.suppress(sqlite3.Error):  # never hide why BEGIN failed
+                self.conn.execute(f"PRAGMA busy_timeout = {round(timeout * 1000)}")
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -341,3 +342,28 @@ def test_keys_read_back_to_their_values(values: list[object]) -> None:
         f"SELECT {key_sql(None, names)} FROM (SELECT {columns})", values
     ).fetchone()
     assert parse_key(in_sql) == tuple(values)
+
+
+@pytest.mark.parametrize("released_after", [0.1, None])
+def test_a_write_transaction_waits_for_the_lock_up_to_the_busy_timeout(
+    tmp_path: Path, released_after: float | None
+) -> None:
+    """The node's transactions try for the lock often (not on SQLite's growing sleeps), get
+    it soon after the application lets go, give up at the busy timeout, and leave the
+    connection's busy timeout as it was either way."""
+    path = tmp_path / "s.db"
+    store = Store.open(
+        StoreSettings(str(path), "n1", ("leases",), busy_timeout_ms=400, schema_sql=SCHEMA)
+    )
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    if released_after is not None:
+        threading.Timer(released_after, holder.execute, ("COMMIT",)).start()
+        store.begin_immediate()
+        store.commit()
+    else:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            store.begin_immediate()
+        holder.execute("COMMIT")
+    assert store.conn.execute("PRAGMA busy_timeout").fetchone() == (400,)
+    assert not store.conn.in_transaction
