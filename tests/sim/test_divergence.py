@@ -40,6 +40,26 @@ def behind_replications_back(node: SimNode, sql: str) -> None:
         node.app.execute("DELETE FROM _repl_applying")
 
 
+def hashed_pair(tmp_path: Path, rows: int) -> tuple[SimNode, SimNode]:
+    """Two nodes holding the same ``rows`` leases, their content hashes recorded."""
+    a, b = nodes(tmp_path, "a", "b")
+    fill(a, rows)
+    sync_until_quiescent([a, b])
+    for node in (a, b):
+        record_hashes(node)
+    return a, b
+
+
+def mark_wrong(node: SimNode) -> list[str]:
+    """Find and mark the rows edited or deleted behind replication's back, as the divergence
+    watch does; returns their keys."""
+    check = checksums(node).tables["leases"]
+    wrong = check.tampered + check.missing
+    with node.store.conn:
+        divergence.mark_tampered(node.store.conn, "leases", wrong)
+    return wrong
+
+
 def repair(source: SimNode, target: SimNode, keys: list[str] | None = None) -> SnapshotSource:
     """``target`` asks ``source`` for the buckets of ``leases`` that differ (or for the rows
     under ``keys``)."""
@@ -89,16 +109,10 @@ def test_rows_edited_or_deleted_behind_replications_back_are_found(tmp_path: Pat
 
 
 def test_a_repair_mends_edited_and_deleted_rows_from_a_peer(tmp_path: Path) -> None:
-    a, b = nodes(tmp_path, "a", "b")
-    fill(a, 2000)
-    sync_until_quiescent([a, b])
-    for node in (a, b):
-        record_hashes(node)
+    a, b = hashed_pair(tmp_path, 2000)
     behind_replications_back(b, "UPDATE leases SET ip = '10.6.6.6' WHERE mac = 'm00007'")
     behind_replications_back(b, "DELETE FROM leases WHERE mac = 'm01234'")
-    check = checksums(b).tables["leases"]
-    with b.store.conn:
-        divergence.mark_tampered(b.store.conn, "leases", check.tampered + check.missing)
+    mark_wrong(b)
     vector = b.vector()
     snapshot = repair(a, b)
     assert b.rows("leases") == a.rows("leases")
@@ -126,16 +140,10 @@ def test_equal_versions_with_different_contents_settle_on_one_copy(tmp_path: Pat
 def test_a_node_with_edited_rows_never_makes_its_peer_lose_them(tmp_path: Path) -> None:
     """Both sides see their checksums differ and ask each other for a repair at once: the
     side with the edited rows withholds them, and its peer must keep its good copies."""
-    a, b = nodes(tmp_path, "a", "b")
-    fill(a, 500)
-    sync_until_quiescent([a, b])
-    for node in (a, b):
-        record_hashes(node)
+    a, b = hashed_pair(tmp_path, 500)
     behind_replications_back(b, "UPDATE leases SET ip = '10.6.6.6' WHERE mac = 'm00007'")
     behind_replications_back(b, "DELETE FROM leases WHERE mac = 'm00300'")
-    check = checksums(b).tables["leases"]
-    with b.store.conn:
-        divergence.mark_tampered(b.store.conn, "leases", check.tampered + check.missing)
+    mark_wrong(b)
     good = a.rows("leases")
     repair(b, a)  # a asks b, which answers with its edited rows withheld
     assert a.rows("leases") == good
@@ -146,19 +154,12 @@ def test_a_node_with_edited_rows_never_makes_its_peer_lose_them(tmp_path: Path) 
 def test_a_repair_of_named_rows_carries_exactly_those_rows(tmp_path: Path) -> None:
     """The asker knows which of its rows are wrong (edited, deleted behind replication's
     back): the peer sends those rows and nothing else, and they come back right."""
-    a, b = nodes(tmp_path, "a", "b")
-    fill(a, 2000)
-    sync_until_quiescent([a, b])
-    for node in (a, b):
-        record_hashes(node)
+    a, b = hashed_pair(tmp_path, 2000)
     behind_replications_back(b, "UPDATE leases SET ip = '10.6.6.6' WHERE mac = 'm00007'")
     behind_replications_back(b, "UPDATE leases SET ip = '10.6.6.7' WHERE mac = 'm00008'")
     behind_replications_back(b, "DELETE FROM leases WHERE mac = 'm01234'")
-    check = checksums(b).tables["leases"]
-    wrong = check.tampered + check.missing
+    wrong = mark_wrong(b)
     assert len(wrong) == 3
-    with b.store.conn:
-        divergence.mark_tampered(b.store.conn, "leases", wrong)
     vector = b.vector()
     snapshot = repair(a, b, wrong)
     assert snapshot.end().row_count == 3  # not the 3 buckets around them
@@ -173,26 +174,18 @@ def test_a_named_row_the_peer_no_longer_holds_goes_and_others_stay(tmp_path: Pat
     """A named row the peer has neither as a row nor as a tombstone, though it saw its
     version, was deleted there: it goes here too. A row the peer withholds (edited there
     too) stays, and a name that is no key at all is ignored."""
-    a, b = nodes(tmp_path, "a", "b")
-    fill(a, 200)
-    sync_until_quiescent([a, b])
-    for node in (a, b):
-        record_hashes(node)
+    a, b = hashed_pair(tmp_path, 200)
     # On a, m00050 is gone with its tombstone collected; m00060 was edited there too.
     behind_replications_back(a, "DELETE FROM leases WHERE mac = 'm00050'")
     with a.store.conn:
         a.store.conn.execute("DELETE FROM _repl_rowmeta WHERE pk = quote('m00050')")
     behind_replications_back(a, "UPDATE leases SET ip = '10.9.9.9' WHERE mac = 'm00060'")
-    check = checksums(a).tables["leases"]
-    with a.store.conn:
-        divergence.mark_tampered(a.store.conn, "leases", check.tampered)
+    assert mark_wrong(a) == ["'m00060'"]  # (m00050 has no version left to miss)
     for mac in ("m00050", "m00060"):
         behind_replications_back(b, f"UPDATE leases SET ip = '10.6.6.6' WHERE mac = '{mac}'")
-    check = checksums(b).tables["leases"]
-    with b.store.conn:
-        divergence.mark_tampered(b.store.conn, "leases", check.tampered)
+    wrong = mark_wrong(b)
     before = b.rows("leases")
-    repair(a, b, [*check.tampered, "'unterminated", "X'zz'"])
+    repair(a, b, [*wrong, "'unterminated", "X'zz'"])
     after = b.rows("leases")
     assert len(after) == len(before) - 1
     assert "m00050" not in {row[0] for row in after}
