@@ -380,7 +380,9 @@ class Connections:
         except PeerDisconnected as error:
             if self.stopping:
                 log.info("peer link closed", reason="node shutting down")
-            elif link is not None and self.links.get(peer_id) not in (None, link):
+            elif link is not None and (
+                link.replaced or self.links.get(peer_id) not in (None, link)
+            ):
                 log.info("peer link closed", reason="replaced by a newer connection")
             else:
                 self.status[peer_id].failed(error.message, self._clock.time())
@@ -426,6 +428,8 @@ class Connections:
                 await connection.close("duplicate connection")
                 return None
             # The preferred connection of a simultaneous dial, or one replacing a dead link.
+            # (Marked first: its tasks may see their socket closed before this link is in.)
+            existing.replaced = True
             await existing.close(
                 "replaced by the preferred connection" if not settled else "replaced: link silent"
             )

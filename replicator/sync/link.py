@@ -185,6 +185,8 @@ class Link:
         self._clock: Clock = clock or SystemClock()
         self.peer = hello.node_id
         self.status = status
+        # Closed by this node for a newer connection of the same peer (not a disconnect).
+        self.replaced = False
         self.node_id = node_id
         self.settings = settings
         self._read_log = read_log

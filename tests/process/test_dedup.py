@@ -58,6 +58,12 @@ async def test_connection_from_the_smaller_id_replaces_the_other(
         preferred = await peer.dial()  # a dialled b: b must switch to this one
         assert await next_goodbye(first) == "replaced by the preferred connection"
         assert await next_goodbye(preferred, within=1.0) is None
+        await trio.sleep(0.3)  # the replaced link's tasks have ended and said why
+        # Closing the replaced link is no disconnect (operators watch for those).
+        closed = node.logged("peer link closed", peer="a", reason="replaced by a newer connection")
+        disconnected = node.logged("peer disconnected", peer="a")
     finally:
         await peer.close()
     assert node.logged("peer connected", peer="a", dialled_by="a")
+    assert closed
+    assert not disconnected
