@@ -10,6 +10,7 @@ from collections.abc import Callable
 import trio
 
 from protocol import MAX_REPAIR_KEYS, Origin
+from protocol.checks import MAX_TEXT_LENGTH
 from replicator.capture.store import Store
 from replicator.capture.transactions import read_transaction, write_transaction
 from replicator.log import get_logger
@@ -20,6 +21,7 @@ from replicator.sync.resync import Resync
 __all__ = ["DivergenceWatch"]
 
 _log = get_logger("node")
+_NAMED_CHARS = 1 << 20  # key text one repair request may name, all tables together
 
 
 class DivergenceWatch:
@@ -105,8 +107,20 @@ class DivergenceWatch:
             if check.tampered or check.missing or check.marked
         }
         if wrong:
-            # The rows are known: the peer is asked for exactly those, unless so many that
-            # whole buckets cost less to name.
-            named = {name: keys for name, keys in wrong.items() if len(keys) <= MAX_REPAIR_KEYS}
-            trio.from_thread.run(self._resync.repair_tampered, sorted(wrong), named)
+            trio.from_thread.run(self._resync.repair_tampered, sorted(wrong), _nameable(wrong))
         return hashed_through
+
+
+def _nameable(wrong: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """The tables whose wrong rows the repair request names (the peer sends just those): not
+    so many, nor keys so long, that the request would be refused or outgrow a message; the
+    others are repaired by bucket."""
+    named: dict[str, tuple[str, ...]] = {}
+    room = _NAMED_CHARS
+    for name, keys in sorted(wrong.items()):
+        size = sum(len(key) for key in keys)
+        fits = len(keys) <= MAX_REPAIR_KEYS and size <= room
+        if fits and all(len(key) <= MAX_TEXT_LENGTH for key in keys):
+            named[name] = keys
+            room -= size
+    return named
