@@ -29,7 +29,7 @@ from replicator.node.applying import ApplyHandle
 from replicator.node.options import NodeOptions
 from replicator.node.vectors import VectorCache
 from replicator.sync.faults import Faults
-from replicator.sync.link import Link, PauseSwitch, PeerStatus
+from replicator.sync.link import REPAIR_BY_KEY, Link, PauseSwitch, PeerStatus
 from replicator.sync.membership import ClusterView, HelloRefused, check_hello, fingerprint
 from replicator.sync.network import Listener
 from replicator.sync.peer import PeerClosed, PeerConnection, PeerDisconnected, PeerSettings
@@ -38,7 +38,8 @@ from replicator.sync.resync import Resync
 __all__ = ["CAPABILITIES", "Connections"]
 
 _log = get_logger("node")
-CAPABILITIES = frozenset({"changes", "skips", "resend"})
+CAPABILITIES = frozenset({"changes", "skips", "resend", REPAIR_BY_KEY})
+"""What this node understands, sent in its Hello (peers use only what both offer)."""
 # accept() errors that mean "out of descriptors or memory for now": wait, do not crash.
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # A connection that has sent nothing for this long may lose its place to a newcomer when the

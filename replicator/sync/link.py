@@ -55,7 +55,10 @@ from replicator.sync.faults import Faults
 from replicator.sync.membership import ClusterView
 from replicator.sync.peer import OFF_LOOP_BYTES, PeerConnection, PeerDisconnected
 
-__all__ = ["Link", "LinkSettings", "PauseSwitch", "PeerStatus"]
+__all__ = ["REPAIR_BY_KEY", "Link", "LinkSettings", "PauseSwitch", "PeerStatus"]
+
+REPAIR_BY_KEY = "repair-by-key"
+"""The Hello capability of a node that takes repair requests naming rows (their keys)."""
 
 # Changes messages already received are applied together, up to this many entries.
 _MAX_COALESCED = 5000
@@ -187,6 +190,8 @@ class Link:
         self.status = status
         # Closed by this node for a newer connection of the same peer (not a disconnect).
         self.replaced = False
+        # A peer that does not offer it would refuse a repair request naming rows.
+        self._repair_by_key = REPAIR_BY_KEY in hello.capabilities
         self.node_id = node_id
         self.settings = settings
         self._read_log = read_log
@@ -291,10 +296,9 @@ class Link:
         keys: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         """Ask the peer for the rows of the buckets whose checksums differ from ``buckets``
-        (or, for the tables in ``keys``, for exactly those rows)."""
-        await self.connection.send(
-            SnapshotRequest(tuple(buckets), reason, dict(buckets), dict(keys or {}))
-        )
+        (or, for the tables in ``keys``, for exactly those rows, if the peer can)."""
+        named = dict(keys or {}) if self._repair_by_key else {}
+        await self.connection.send(SnapshotRequest(tuple(buckets), reason, dict(buckets), named))
 
     async def pull(self, *, full: bool, reason: str) -> None:
         """Ask the peer for its whole state (a snapshot) or to stream its log again."""

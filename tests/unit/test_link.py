@@ -12,10 +12,22 @@ from typing import Any
 import pytest
 import trio
 
-from protocol import Ack, Change, Changes, Hello, Message, Op, Origin, RowVersion, Skip
+from protocol import (
+    BUCKETS,
+    Ack,
+    Change,
+    Changes,
+    Hello,
+    Message,
+    Op,
+    Origin,
+    RowVersion,
+    Skip,
+    SnapshotRequest,
+)
 from replicator.capture.store import LogRecord
 from replicator.sync.faults import Faults
-from replicator.sync.link import Link, LinkSettings, PeerStatus
+from replicator.sync.link import REPAIR_BY_KEY, Link, LinkSettings, PeerStatus
 from replicator.sync.membership import ClusterView
 from replicator.sync.peer import PeerDisconnected
 
@@ -54,12 +66,15 @@ def change(origin: Origin, seq: int, size: int = 10) -> Change:
 
 
 def make_link(
-    vector: dict[Origin, int] | None = None, parts: Mapping[str, Any] | None = None, **settings: Any
+    vector: dict[Origin, int] | None = None,
+    parts: Mapping[str, Any] | None = None,
+    capabilities: frozenset[str] = frozenset(),
+    **settings: Any,
 ) -> tuple[Link, ScriptedConnection, dict[str, str], Faults]:
     connection = ScriptedConnection()
     alarms: dict[str, str] = {}
     faults = Faults()
-    hello = Hello("b", 1, frozenset(), 1, b"", dict(vector or {}))
+    hello = Hello("b", 1, capabilities, 1, b"", dict(vector or {}))
 
     async def nothing(*args: Any) -> Any:
         raise AssertionError("not expected in this test")
@@ -200,3 +215,17 @@ async def test_a_snapshot_counts_as_acknowledged_once_the_peer_shows_it_holds_it
         link._peer_holds({ME: 30, OTHER: 7, PEER: 3})  # its ack of the merged snapshot
         assert link.status.acked_position == 40
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("offered", [True, False])
+async def test_a_repair_names_rows_only_to_a_peer_that_offers_it(offered: bool) -> None:
+    """A peer of an older version would refuse a request naming rows and drop the link: it is
+    asked for the differing buckets only."""
+    capabilities = frozenset({REPAIR_BY_KEY}) if offered else frozenset()
+    link, connection, _, _ = make_link(capabilities=capabilities)
+    buckets = {"t": b"\x00" * BUCKETS * 16}
+    await link.ask_repair("rows edited", buckets, {"t": ("'k1'",)})
+    (request,) = connection.sent
+    assert isinstance(request, SnapshotRequest)
+    assert request.buckets == buckets
+    assert request.keys == ({"t": ("'k1'",)} if offered else {})
