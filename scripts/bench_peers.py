@@ -188,38 +188,43 @@ def redis_pair(root: Path, name: str) -> Iterator[RedisPair]:
 
 def _wait_ping(redis: RedisServer, pair: RedisPair) -> None:
     errors = redis_client_module().exceptions.ConnectionError
-    deadline = time.monotonic() + START_TIMEOUT
-    client = redis.client()
-    try:
-        while True:
-            pair.check_alive()
-            try:
-                if client.ping():
-                    return
-            except errors:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(
-                    f"redis on port {redis.port} did not answer PING within"
-                    f" {START_TIMEOUT:g} s:\n{redis.log_tail()}"
-                )
-            time.sleep(0.02)
-    finally:
-        client.close()
+
+    def answers(client: Any) -> bool:
+        try:
+            return bool(client.ping())
+        except errors:
+            return False
+
+    _wait_for(redis, pair, answers, lambda: (
+        f"redis on port {redis.port} did not answer PING within {START_TIMEOUT:g} s:\n"
+        f"{redis.log_tail()}"
+    ))  # fmt: skip
 
 
 def _wait_link_up(replica: RedisServer, pair: RedisPair) -> None:
     """Until the replica's INFO replication says master_link_status:up."""
+
+    def link_up(client: Any) -> bool:
+        return bool(client.info("replication").get("master_link_status") == "up")
+
+    _wait_for(replica, pair, link_up, lambda: (
+        f"the Redis replica's link did not come up within {START_TIMEOUT:g} s:\n"
+        f"--- primary\n{pair.primary.log_tail()}\n--- replica\n{replica.log_tail()}"
+    ))  # fmt: skip
+
+
+def _wait_for(
+    redis: RedisServer, pair: RedisPair, ready: Callable[[Any], bool], failure: Callable[[], str]
+) -> None:
+    """Poll ``ready(client)`` every 20 ms until true; exit with ``failure()`` after
+    `START_TIMEOUT` (or as soon as either server died)."""
     deadline = time.monotonic() + START_TIMEOUT
-    client = replica.client()
+    client = redis.client()
     try:
-        while client.info("replication").get("master_link_status") != "up":
+        while not ready(client):
             pair.check_alive()
             if time.monotonic() > deadline:
-                raise SystemExit(
-                    f"the Redis replica's link did not come up within {START_TIMEOUT:g} s:\n"
-                    f"--- primary\n{pair.primary.log_tail()}\n--- replica\n{replica.log_tail()}"
-                )
+                raise SystemExit(failure())
             time.sleep(0.02)
     finally:
         client.close()

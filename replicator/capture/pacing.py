@@ -99,7 +99,7 @@ class WritePacer:
             now = self._clock()
             gap = 0.0 if self._last_end is None else max(0.0, now - seconds - self._last_end)
             self._last_end = now
-            if now - self._others_at < self.quiet:
+            if self.contended():
                 self._run = 0.0
                 rest = seconds * self.rest
             else:

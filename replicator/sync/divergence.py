@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -146,11 +146,7 @@ def versioned_rows(
     unknown = RowVersion(0, fallback, 0)
     while fetched := cursor.fetchmany(_CHUNK):
         for record in fetched:
-            values = dict(zip(columns, record[:width], strict=True))
-            key, stamp, node, inc, generation, seq, recorded = record[width:]
-            version = unknown if stamp is None else RowVersion(stamp, Origin(node, inc), generation)
-            pk = tuple(record[i] for i in key_positions)
-            yield key, SnapshotRow(pk, values, version, seq or 0), recorded
+            yield record[width], *_versioned_row(record, columns, key_positions, unknown)
 
 
 def versioned_rows_at(
@@ -169,7 +165,6 @@ def versioned_rows_at(
     # A real's printed form may not be its exact double: such keys are matched as printed.
     by_printed = select + f"{key_sql('t', info.primary_key)} = ?"
     key_positions = [columns.index(c) for c in info.primary_key]
-    width = len(columns)
     unknown = RowVersion(0, fallback, 0)
     for key in keys:
         try:
@@ -182,16 +177,23 @@ def versioned_rows_at(
             record = conn.execute(by_printed, (info.name, key, key)).fetchone()
         else:
             record = conn.execute(by_key, (info.name, key, *pk)).fetchone()
-        if record is None:
-            continue
-        values = dict(zip(columns, record[:width], strict=True))
-        stamp, node, inc, generation, seq, recorded = record[width:]
-        version = unknown if stamp is None else RowVersion(stamp, Origin(node, inc), generation)
-        yield (
-            key,
-            SnapshotRow(tuple(record[i] for i in key_positions), values, version, seq or 0),
-            recorded,
-        )
+        if record is not None:
+            yield key, *_versioned_row(record, columns, key_positions, unknown)
+
+
+def _versioned_row(
+    record: Sequence[Any],
+    columns: Sequence[str],
+    key_positions: Sequence[int],
+    unknown: RowVersion,
+) -> tuple[SnapshotRow, bytes | None]:
+    """A row read with its `_repl_rowmeta` columns last (hlc, node, inc, generation, seq,
+    hash): the row with its version, and the content hash recorded for it."""
+    values = dict(zip(columns, record[: len(columns)], strict=True))
+    stamp, node, inc, generation, seq, recorded = record[-6:]
+    version = unknown if stamp is None else RowVersion(stamp, Origin(node, inc), generation)
+    pk = tuple(record[i] for i in key_positions)
+    return SnapshotRow(pk, values, version, seq or 0), recorded
 
 
 def compute(
